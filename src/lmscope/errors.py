@@ -1,0 +1,29 @@
+"""One exception family for lmscope: messages a user can act on, printed by the CLI without a traceback."""
+
+
+class LmscopeError(Exception):
+    """Base class of every error lmscope raises on purpose."""
+
+
+class ModelError(LmscopeError):
+    """A model could not be found, loaded or understood."""
+
+
+class SiteError(LmscopeError):
+    """A site name, layer or site kind is invalid for the model at hand."""
+
+
+class CorpusError(LmscopeError):
+    """A corpus is missing, empty or in an unknown format."""
+
+
+class StoreError(LmscopeError):
+    """An activation store is missing, corrupt, or does not match the request."""
+
+
+class SAEError(LmscopeError):
+    """An SAE config, weight file or format is invalid or does not match a model."""
+
+
+class ConfigError(LmscopeError):
+    """A run or suite configuration is invalid."""
