@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny models of every supported architecture, and the real Gemma 3 270M (slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmscope.model import TINY_ARCHS, LoadedModel, load_model, tiny_model
+
+SENTENCES = [
+    "The capital of France is Paris, and the capital of Italy is Rome.",
+    "def add(a, b):\n    return a + b",
+]
+
+
+@pytest.fixture(scope="session", params=TINY_ARCHS)
+def tiny(request: pytest.FixtureRequest) -> LoadedModel:
+    """Each tiny architecture in turn (gemma3, gemma2, llama, gpt2); shared, so never modify it."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3() -> LoadedModel:
+    """The tiny Gemma 3 (sliding and global layers); shared, so never modify it."""
+    return tiny_model("gemma3")
+
+
+@pytest.fixture(scope="session")
+def gemma_270m() -> LoadedModel:
+    """The real Gemma 3 270M on cpu (converted on first use, then read from the lmscope cache)."""
+    return load_model("gemma-3-270m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_batch(tiny: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two right-padded sentences for `tiny`: token ids and attention mask, [2, T] each."""
+    batch = tiny.tokenizer(SENTENCES, return_tensors="pt", padding=True, padding_side="right")
+    return batch.input_ids, batch.attention_mask
