@@ -1,0 +1,193 @@
+"""Harvest: run the model over a corpus once per batch and store every requested site.
+
+One forward pass per token block serves all sites; the pass stops after the deepest layer asked for
+and never computes the unembedding. Writing (masking, dtype conversion, checksums, file I/O) runs on
+a background thread so the model keeps both cores busy: torch, numpy, hashlib and file writes all
+release the GIL. The store commits at block boundaries, so a killed harvest resumes by skipping the
+blocks it already holds (`StoreWriter.blocks_done`) and feeding the rest: same seed, same blocks.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lmscope.activations.store import ActivationStore, StoreWriter
+from lmscope.data import TokenBatches, TokenBlock, corpus_fingerprint
+from lmscope.errors import CorpusError, StoreError
+from lmscope.model import LoadedModel, SiteModel, load_model, parse_sites
+
+
+@dataclass
+class HarvestConfig:
+    """What to harvest. The defaults are the README's main job on the embedded Gemma 3 270M."""
+
+    model: str = "gemma-3-270m"
+    sites: str = "all.resid_post,all.mlp_out,all.attn_z"
+    corpus: str = "default"
+    tokens: int = 20_000
+    seq_len: int = 128
+    batch_size: int = 8
+    split: str = "train"
+    seed: int = 0
+    dtype: str = "float32"
+    model_dtype: str = "float32"
+    device: str | None = None
+    shard_rows: int = 8192
+
+
+def _store_meta(cfg: HarvestConfig) -> dict[str, Any]:
+    """What a resumed harvest must share with the original for the store to stay consistent."""
+    keep = ("corpus", "seq_len", "batch_size", "split", "seed", "model_dtype")
+    meta = {k: v for k, v in asdict(cfg).items() if k in keep}
+    meta["corpus_fingerprint"] = corpus_fingerprint(cfg.corpus) if cfg.corpus else ""
+    return meta
+
+
+def _trim_to(block: TokenBlock, excess: int) -> TokenBlock:
+    """Drop the last `excess` stored positions of a block (row-major), so a harvest stores exactly
+    the tokens asked for."""
+    if excess <= 0:
+        return block
+    mask = block.mask.clone()
+    flat = mask.view(-1)
+    on = flat.nonzero().squeeze(1)
+    flat[on[len(on) - excess :]] = False
+    return TokenBlock(block.input_ids, mask)
+
+
+def _blocks(batches: TokenBatches, tokens: int) -> Iterator[TokenBlock]:
+    """The batches, with the final one trimmed to land on exactly `tokens` stored positions."""
+    held = next(batches, None)
+    while held is not None:
+        nxt = next(batches, None)
+        if nxt is None:
+            held = _trim_to(held, batches.stream_tokens - tokens)
+        yield held
+        held = nxt
+
+
+class _BackgroundWriter:
+    """Feeds `StoreWriter.append` from a thread; errors surface in the caller on the next put/close."""
+
+    def __init__(self, writer: StoreWriter, depth: int = 2) -> None:
+        self._writer = writer
+        self._q: queue.Queue[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None]
+        self._q = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lmscope-store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.append(*item)
+                except BaseException as e:  # re-raised in the harvesting thread
+                    self._error = e
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, acts: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor) -> None:
+        self._check()
+        self._q.put((acts, ids, mask))
+
+    def finish(self) -> None:
+        """Wait for every queued block to be appended (committed shards stay on any error)."""
+        self._q.put(None)
+        self._thread.join()
+        self._check()
+
+
+def harvest(
+    cfg: HarvestConfig,
+    out: str,
+    *,
+    resume: bool = True,
+    loaded: LoadedModel | None = None,
+    progress: bool = True,
+    max_blocks: int | None = None,
+) -> ActivationStore:
+    """Harvest `cfg.tokens` tokens of every site in `cfg.sites` into the store at `out`.
+
+    An existing store at `out` is resumed (unless `resume=False`): it must have been written with the
+    same model, sites, dtype and corpus settings. `max_blocks` stops after that many new blocks
+    without completing the store (tests use it to interrupt a harvest).
+
+    >>> store = harvest(HarvestConfig(sites="L6.resid_post", tokens=10_000), "runs/acts")
+    """
+    if cfg.tokens < 1:
+        raise CorpusError(f"--tokens must be at least 1, got {cfg.tokens}")
+    loaded = loaded or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
+    model = SiteModel(loaded)
+    sites = parse_sites(cfg.sites, model.n_layers)
+    names = [str(s) for s in sites]
+    writer = StoreWriter(
+        out,
+        sites={str(s): model.site_dim(s) for s in sites},
+        model_name=loaded.name,
+        dtype=cfg.dtype,
+        shard_rows=cfg.shard_rows,
+        meta=_store_meta(cfg),
+        resume=resume,
+    )
+    if writer.complete:
+        return ActivationStore(out)
+    batches = TokenBatches(
+        cfg.corpus,
+        loaded.tokenizer,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        split=cfg.split,
+        seed=cfg.seed,
+        max_tokens=cfg.tokens,
+        skip=writer.blocks_done * cfg.batch_size,
+    )
+    last_layer = max(s.layer for s in sites)
+    bar = tqdm(
+        total=cfg.tokens,
+        initial=writer.rows_committed,
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest {len(names)} sites",
+        disable=not progress,
+    )
+    background = _BackgroundWriter(writer)
+    done = 0
+    try:
+        for block in _blocks(batches, cfg.tokens):
+            if max_blocks is not None and done >= max_blocks:
+                break
+            ids = block.input_ids.to(loaded.device)
+            with torch.inference_mode():
+                acts = model.run(
+                    ids, read=names, stop_after_layer=last_layer, return_logits=False
+                ).acts
+            background.put({n: acts[n].to("cpu") for n in names}, block.input_ids, block.mask)
+            done += 1
+            bar.update(block.n_tokens)
+    finally:
+        bar.close()
+        background.finish()
+    if max_blocks is not None and done >= max_blocks:
+        return ActivationStore(out)
+    writer.close()
+    store = ActivationStore(out)
+    if store.rows < cfg.tokens:
+        warnings.warn(
+            f"the corpus {cfg.corpus!r} ({cfg.split} split) ran out after {store.rows:,} tokens "
+            f"of the {cfg.tokens:,} asked; the store at {out} holds them all",
+            stacklevel=2,
+        )
+    elif store.rows != cfg.tokens:
+        raise StoreError(f"store at {out} holds {store.rows:,} rows, not the {cfg.tokens:,} asked")
+    return store

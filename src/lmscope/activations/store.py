@@ -1,0 +1,534 @@
+"""Sharded activation store: the harvester writes it once, trainers and evals read it many times.
+
+Layout, manifest fields and the crash/resume guarantee: docs/formats.md, "Activation store".
+Everything goes through fsspec, so a URL may be a local path, `memory://` (tests) or an object store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from lmscope.errors import StoreError
+
+FORMAT, VERSION = "lmscope.activations", 1
+# numpy has no bfloat16: bf16 shards hold the raw bit patterns as uint16 (the top half of a float32).
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")
+}  # fmt: skip
+TOKENS, SEQUENCES, ROW = "tokens", "sequences", "row"
+_RESERVED = {TOKENS, SEQUENCES, ROW, "manifest.json"}
+Shard = dict[str, Any]  # {"file": path relative to the root, "rows": int, "sha256": hex digest}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """In the stored dtype; may share memory with `x`."""
+    x = x.detach().to("cpu", getattr(torch, dtype)).contiguous()
+    return x.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else x.numpy()
+
+
+def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored rows → float32 tensor: zero-copy for float32; numpy converts the others (exactly,
+    and faster than torch on a busy CPU)."""
+    if dtype == "bfloat16":  # a bfloat16 is the top half of a float32
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    return torch.from_numpy(a.astype(np.float32, copy=False))
+
+
+def _put(fs: Any, path: str, chunks: Sequence[bytes | memoryview]) -> None:
+    """Write a file so that readers see all of it or none of it."""
+    if not isinstance(fs, LocalFileSystem):  # one PUT: memory:// and object stores publish it whole
+        fs.pipe_file(path, b"".join(chunks))
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.writelines(chunks)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it visible
+    os.replace(tmp, path)
+
+
+class _Files:
+    """The manifest and verified shard reads under one fsspec root."""
+
+    def __init__(self, url: str) -> None:
+        fs, root = fsspec.core.url_to_fs(url)
+        self.url, self._fs, self._root = url, fs, root.rstrip("/")
+        self._verified: set[tuple[str, str]] = set()  # (file, fsspec ukey) whose sha256 matched
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        try:
+            m: dict[str, Any] = json.loads(self._fs.cat_file(f"{self._root}/manifest.json"))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise StoreError(f"manifest.json of the store at {self.url} is not JSON") from None
+        if m.get("format") != FORMAT or m.get("version") != VERSION:
+            got = f"{m.get('format')} v{m.get('version')}"
+            raise StoreError(f"{self.url} holds {got}, not an {FORMAT} v{VERSION} store")
+        return m
+
+    def _open(self, path: str) -> IO[bytes]:
+        # Plain files for local paths: fsspec's local wrapper has no readinto.
+        local = isinstance(self._fs, LocalFileSystem)
+        return open(path, "rb") if local else self._fs.open(path, "rb")  # type: ignore[no-any-return]
+
+    def _read(self, shard: Shard, out: np.ndarray | None = None, verify: bool = True) -> np.ndarray:
+        """One shard, read straight into `out` if given. Its sha256 is checked unless this object
+        already checked this very version of the file (fsspec's ukey: size, mtime …)."""
+        name, path = shard["file"], f"{self._root}/{shard['file']}"
+        where = f"shard {name} of the store at {self.url}"
+        try:
+            key = (name, self._fs.ukey(path)) if verify else ("", "")
+            with self._open(path) as f:
+                major, _ = np.lib.format.read_magic(f)
+                v1, v2 = np.lib.format.read_array_header_1_0, np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = (v1 if major == 1 else v2)(f)
+                head = f.tell()
+                if fortran or dtype.hasobject:  # never unpickle
+                    raise ValueError("it is not a plain C-ordered array")
+                out = np.empty(shape, dtype) if out is None else out
+                if (shape, dtype) != (out.shape, out.dtype) or shape[:1] != (shard["rows"],):
+                    raise ValueError(f"holds {dtype} {list(shape)}, expected {shard['rows']} rows")
+                if f.readinto(out.data.cast("B")) != out.nbytes or f.read(1):  # type: ignore[attr-defined]
+                    raise ValueError("its length does not match its header")
+                if verify and key not in self._verified:
+                    f.seek(0)
+                    digest = hashlib.sha256(f.read(head))
+                    digest.update(out.data.cast("B"))
+                    if digest.hexdigest() != shard["sha256"]:
+                        raise StoreError(f"{where} is corrupt (sha256 mismatch); re-harvest it")
+                    self._verified.add(key)
+        except FileNotFoundError:
+            raise StoreError(f"{where} is missing") from None
+        except ValueError as e:
+            raise StoreError(f"{where} is unreadable: {e}") from None
+        return out
+
+    def _read_range(self, shards: list[Shard], size: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a stream of `size`-row shards (only the last may be shorter)."""
+        parts = [np.empty(0, np.int64)]
+        for i in range(start // size, -(-stop // size) if stop > start else 0):
+            parts.append(self._read(shards[i])[max(start - i * size, 0) : stop - i * size])
+        return np.concatenate(parts[1:] or parts)
+
+
+class StoreWriter(_Files):
+    """Appends harvested activations block by block; every shard and manifest update is atomic.
+
+    One `append` is one token block. After a crash, open with `resume=True` and feed the same
+    blocks in the same order from block `writer.blocks_done` on; rows already stored are dropped.
+
+        with StoreWriter("runs/acts", sites={"L6.resid_post": 640}, model_name="gemma-3-270m") as w:
+            for block in blocks: w.append({"L6.resid_post": acts}, block.input_ids, block.mask)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        sites: Mapping[str, int],
+        model_name: str,
+        dtype: str = "float32",
+        shard_rows: int = 16384,
+        meta: Mapping[str, Any] | None = None,
+        resume: bool = False,
+    ) -> None:
+        super().__init__(url)
+        if dtype not in DTYPES:
+            raise StoreError(f"unknown store dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        if shard_rows < 1:
+            raise StoreError(f"shard_rows must be at least 1, not {shard_rows}")
+        if not sites or any(not s or "/" in s or s in _RESERVED for s in sites):
+            raise StoreError(f"bad site names {list(sites)}: need some, without '/' or {_RESERVED}")
+        self.sites = {s: int(d) for s, d in sites.items()}
+        self.model_name, self.dtype, self.shard_rows = model_name, dtype, shard_rows
+        self.meta = json.loads(json.dumps(dict(meta or {})))  # fails early if not JSON
+        m = self._read_manifest()
+        if m is not None and not resume:
+            raise StoreError(f"a store exists at {url}; pass resume=True to go on, or a new URL")
+        if m is None:
+            self._m = m = self._new_manifest()
+            self._fs.makedirs(self._root, exist_ok=True)
+            self._save()
+        else:
+            self._check_matches(m)
+            self._remove_orphans(m)
+            self._m = m
+        at = m["resume"]
+        self._fed = (at["blocks"], at["rows"], at["sequences"])  # blocks, rows, sequences fed
+        self._boundaries: deque[tuple[int, int, int]] = deque()  # _fed after uncommitted blocks
+        self._skip_rows = m["rows"] - at["rows"]
+        self._skip_seqs = m[SEQUENCES]["rows"] - at["sequences"]
+        # Stored rows past the resume point: the blocks fed again must reproduce their tokens.
+        self._expect = self._read_range(m[TOKENS]["shards"], shard_rows, at["rows"], m["rows"])
+        self._pending: dict[str, list[np.ndarray]] = {s: [] for s in [*sites, TOKENS, SEQUENCES]}
+
+    @property
+    def blocks_done(self) -> int:
+        """Blocks whose rows and sequences are all committed: on resume, feed from this block on."""
+        return int(self._m["resume"]["blocks"])
+
+    @property
+    def rows_committed(self) -> int:
+        return int(self._m["rows"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._m["complete"])
+
+    def _new_manifest(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION, "model": self.model_name, "dtype": self.dtype,
+            "shard_rows": self.shard_rows, "rows": 0, "complete": False,
+            "created": _now(), "updated": _now(), "resume": {"blocks": 0, "rows": 0, "sequences": 0},
+            "sites": {s: {"d": d, "sum_sq_norm": 0.0, "sum": [0.0] * d, "shards": []}
+                      for s, d in self.sites.items()},
+            TOKENS: {"columns": ["token_id", "sequence", "position"], "shards": []},
+            SEQUENCES: {"rows": 0, "seq_len": None, "shard_rows": None, "shards": []},
+            "meta": self.meta,
+        }  # fmt: skip
+
+    def _check_matches(self, m: dict[str, Any]) -> None:
+        checks = [
+            ("was written by model ", m["model"], self.model_name),
+            ("holds dtype ", m["dtype"], self.dtype),
+            ("holds sites ", {s: v["d"] for s, v in m["sites"].items()}, self.sites),
+            ("has shard_rows ", m["shard_rows"], self.shard_rows),
+            *((f"was written with meta {k}=", m["meta"].get(k), self.meta.get(k))
+              for k in sorted({*m["meta"], *self.meta})),
+        ]  # fmt: skip
+        for what, old, new in checks:
+            if old != new:
+                raise StoreError(f"store at {self.url} {what}{old}, not {new}")
+
+    def _remove_orphans(self, m: dict[str, Any]) -> None:
+        """Delete temp files, and shards a crash left behind before their manifest update."""
+        streams = [*m["sites"].values(), m[TOKENS], m[SEQUENCES]]
+        keep = {sh["file"] for sec in streams for sh in sec["shards"]}
+        for path in self._fs.find(self._root):
+            rel = path[len(self._root) + 1 :]
+            folder, _, name = rel.rpartition("/")
+            shard = folder in {*m["sites"], TOKENS, SEQUENCES} and name.startswith("shard-")
+            if (shard and rel not in keep) or (not folder and ".tmp-" in name):
+                self._fs.rm_file(path)
+
+    def append(
+        self,
+        acts: Mapping[str, torch.Tensor],
+        input_ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Add one token block: `input_ids` [B, T]; `acts[site]` [N, d] for the N positions where
+        `mask` is True (row-major order), or [B, T, d] to be masked here. No mask keeps them all."""
+        if self.complete:
+            raise StoreError(f"store at {self.url} is complete; nothing more can be appended")
+        if set(acts) != set(self.sites):
+            raise StoreError(f"append got sites {sorted(acts)}; the store has {sorted(self.sites)}")
+        # numpy rather than torch for the indexing: several times faster on a busy small CPU.
+        ids = input_ids.detach().to("cpu", torch.int64).numpy()
+        keep = np.ones(ids.shape, bool) if mask is None else mask.detach().cpu().bool().numpy()
+        seq = self._m[SEQUENCES]
+        if ids.ndim != 2 or keep.shape != ids.shape or ids.shape[1] > (seq["seq_len"] or 1 << 62):
+            got = f"{list(ids.shape)} and {list(keep.shape)}"
+            raise StoreError(f"input_ids and mask must be [B, T<={seq['seq_len']}], got {got}")
+        if seq["seq_len"] is None:  # sequence shards hold about as many tokens as row shards
+            seq["seq_len"] = ids.shape[1]
+            seq["shard_rows"] = max(1, self.shard_rows // ids.shape[1])
+        n_blocks, n_rows, n_seqs = self._fed
+        b, t = np.nonzero(keep)
+        rows = {TOKENS: np.stack([ids[b, t], b + n_seqs, t], 1)}
+        for s, x in acts.items():
+            a = _to_numpy(x, self.dtype)
+            # Our own copy either way: the caller may reuse its tensor after `append`.
+            a = a[keep] if a.shape[:2] == keep.shape and a.ndim == 3 else a.copy()
+            if a.shape != (len(b), self.sites[s]):
+                want = [len(b), self.sites[s]]
+                raise StoreError(f"acts[{s!r}] has shape {list(x.shape)}, expected {want}")
+            rows[s] = a
+        seqs = np.full((len(ids), seq["seq_len"]), -1, np.int32)  # -1 pads a shorter block
+        seqs[:, : ids.shape[1]] = ids
+        if k := min(self._skip_rows, len(b)):  # stored before the crash: check, then drop
+            at = n_rows - self._m["resume"]["rows"]
+            if not np.array_equal(rows[TOKENS][:k], self._expect[at : at + k]):
+                hint = f"feed the same blocks in the same order from block {self.blocks_done} on"
+                raise StoreError(f"resumed input differs from the store at {self.url}; {hint}")
+            rows, self._skip_rows = {s: a[k:] for s, a in rows.items()}, self._skip_rows - k
+        j = min(self._skip_seqs, len(seqs))
+        self._skip_seqs -= j
+        for s, a in [*rows.items(), (SEQUENCES, seqs[j:])]:
+            if len(a):
+                self._pending[s].append(a)
+        self._fed = (n_blocks + 1, n_rows + len(b), n_seqs + len(ids))
+        self._boundaries.append(self._fed)
+        self._flush(final=False)
+
+    def close(self) -> None:
+        """Write the tail shards and mark the store complete. A no-op on a complete store."""
+        if self.complete:
+            return
+        if self._skip_rows or self._skip_seqs:
+            raise StoreError(f"store at {self.url} holds rows of blocks not fed again yet")
+        self._flush(final=True)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:  # on an error, keep the committed part for a resume
+            self.close()
+
+    def _save(self) -> None:
+        self._m["updated"] = _now()
+        _put(self._fs, f"{self._root}/manifest.json", [json.dumps(self._m, indent=1).encode()])
+
+    def _flush(self, final: bool) -> None:
+        m = self._m
+        wrote = self._drain([*self.sites, TOKENS], self.shard_rows, final)
+        wrote = self._drain([SEQUENCES], m[SEQUENCES]["shard_rows"] or 1, final) or wrote
+        if not (wrote or final):
+            return
+        # The resume point: the last block boundary that both streams have fully committed.
+        while self._boundaries and self._boundaries[0][1] <= m["rows"]:
+            if self._boundaries[0][2] > m[SEQUENCES]["rows"]:
+                break
+            blocks, rows, seqs = self._boundaries.popleft()
+            m["resume"] = {"blocks": blocks, "rows": rows, "sequences": seqs}
+        m["complete"] = final
+        self._save()  # only now do the shards just written become part of the store
+
+    def _drain(self, names: list[str], size: int, final: bool) -> bool:
+        """Write every full shard (on `final` also the tail) of streams that advance together."""
+        total = sum(len(a) for a in self._pending[names[0]])
+        n = total if final else total - total % size
+        for lo in range(0, n, size):
+            for name in names:
+                self._write_shard(name, self._take(name, min(size, n - lo)))
+        (self._m[SEQUENCES] if names[0] == SEQUENCES else self._m)["rows"] += n
+        return n > 0
+
+    def _take(self, name: str, n: int) -> list[np.ndarray]:
+        """The first `n` pending rows of a stream, as views: no concatenation before writing."""
+        parts, pending = [], self._pending[name]
+        while n:
+            a = pending.pop(0)
+            parts.append(a[:n])
+            if len(a) > n:
+                pending.insert(0, a[n:])
+            n -= len(parts[-1])
+        return parts
+
+    def _write_shard(self, name: str, parts: list[np.ndarray]) -> None:
+        sec = self._m["sites"].get(name) or self._m[name]
+        rel, head = f"{name}/shard-{len(sec['shards']):06d}.npy", io.BytesIO()
+        shape = (sum(map(len, parts)), *parts[0].shape[1:])
+        header = {"descr": parts[0].dtype.str, "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(head, header)
+        chunks: list[bytes | memoryview] = [head.getvalue(), *(p.data.cast("B") for p in parts)]
+        digest = hashlib.sha256()
+        for c in chunks:
+            digest.update(c)
+        self._fs.makedirs(f"{self._root}/{name}", exist_ok=True)
+        _put(self._fs, f"{self._root}/{rel}", chunks)
+        sec["shards"].append({"file": rel, "rows": shape[0], "sha256": digest.hexdigest()})
+        for p in parts if name in self.sites else []:  # stats of the stored (rounded) values
+            x = _to_torch(p, self.dtype).numpy()  # numpy casts to float64 in small buffered steps
+            sec["sum_sq_norm"] += float(np.einsum("ij,ij->", x, x, dtype=np.float64))
+            sec["sum"] = (np.asarray(sec["sum"]) + x.sum(0, dtype=np.float64)).tolist()
+
+
+class ActivationStore(_Files):
+    """Reads a store written by `StoreWriter`: a complete one, or the committed part of an
+    interrupted one (as of opening; reopen to see more).
+
+        store = ActivationStore("runs/acts")
+        for batch in store.iter_batches(["L6.resid_post"], 4096, seed=0): x = batch["L6.resid_post"]
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        m = self._read_manifest()
+        if m is None:
+            raise StoreError(f"no activation store at {url} (no manifest.json)")
+        self._m = m
+        self.model_name: str = m["model"]
+        self.dtype: str = m["dtype"]
+        self.rows: int = m["rows"]  # per site
+        self.complete: bool = m["complete"]
+        self.meta: dict[str, Any] = m["meta"]
+        self.sites: list[str] = list(m["sites"])
+        self.n_sequences: int = m[SEQUENCES]["rows"]
+
+    def _site(self, site: str) -> dict[str, Any]:
+        if site not in self._m["sites"]:
+            known = ", ".join(self.sites)
+            raise StoreError(f"unknown site {site!r} in store at {self.url}; available: {known}")
+        return self._m["sites"][site]  # type: ignore[no-any-return]
+
+    def d(self, site: str) -> int:
+        return int(self._site(site)["d"])
+
+    def mean_sq_norm(self, site: str) -> float:
+        """Mean of ‖x‖² over all rows, accumulated in float64 from the stored values."""
+        return float(self._site(site)["sum_sq_norm"]) / max(self.rows, 1)
+
+    def mean(self, site: str) -> torch.Tensor:
+        total = torch.tensor(self._site(site)["sum"], dtype=torch.float64)
+        return (total / max(self.rows, 1)).float()
+
+    def _span(self, start: int, stop: int | None, total: int) -> tuple[int, int]:
+        stop = total if stop is None else stop
+        if not 0 <= start <= stop <= total:
+            raise StoreError(f"rows [{start}, {stop}) are outside the {total} rows of {self.url}")
+        return start, stop
+
+    def read_rows(self, site: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of one site in stored order, as float32 [n, d]."""
+        shards, (start, stop) = self._site(site)["shards"], self._span(start, stop, self.rows)
+        if start == stop:
+            return torch.empty(0, self.d(site))
+        return _to_torch(self._read_range(shards, self._m["shard_rows"], start, stop), self.dtype)
+
+    def _token_info(self, start: int, stop: int | None) -> torch.Tensor:
+        shards, span = self._m[TOKENS]["shards"], self._span(start, stop, self.rows)
+        return torch.from_numpy(
+            self._read_range(shards, self._m["shard_rows"], *span).reshape(-1, 3)
+        )
+
+    def token_ids(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Token id of each row in [start, stop): int64 [n]."""
+        return self._token_info(start, stop)[:, 0]
+
+    def token_positions(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(sequence index, position) of each row in [start, stop): int64 [n, 2]. With `sequences`
+        they give any row's context: `store.sequences(i, i + 1)[0, :pos + 1]`."""
+        return self._token_info(start, stop)[:, 1:]
+
+    def sequences(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Token sequences [start, stop) as fed (BOS, EOS, pad kept; -1 past a short block): [n, T]."""
+        sec = self._m[SEQUENCES]
+        span = self._span(start, stop, sec["rows"])
+        a = self._read_range(sec["shards"], sec["shard_rows"] or 1, *span)
+        return torch.from_numpy(a.reshape(-1, sec["seq_len"] or 0).astype(np.int64))
+
+    def iter_batches(
+        self,
+        sites: Sequence[str],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle_buffer: int = 1_000_000,
+        loop: bool = False,
+        start_batch: int = 0,
+        verify: bool = True,
+        return_rows: bool = False,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Shuffled float32 batches {site: [B, d]} holding the same rows for every site (and their
+        global row index under "row" if `return_rows`).
+
+        Each epoch visits the shards in a seed-given order, in groups of up to `shuffle_buffer`
+        rows, and permutes each group: every row comes once per epoch; without `loop` the last
+        batch may be short. `start_batch=k` yields exactly what the k-th batch on would have been,
+        reading only the shards needed from there. Shard checksums are checked unless `verify`
+        is False (once per file version and store object)."""
+        for s in sites:
+            self._site(s)
+        if not sites or batch_size < 1 or self.rows == 0:
+            got = f"sites {list(sites)}, batch_size {batch_size}, {self.rows} rows"
+            raise StoreError(f"iter_batches needs sites, batch_size >= 1 and rows; got {got}")
+        args = (batch_size, seed, shuffle_buffer, loop, start_batch, verify, return_rows)
+        return self._batches(list(sites), *args)
+
+    def _batches(self, sites: list[str], bs: int, seed: int, limit: int, loop: bool, start: int,
+                 verify: bool, return_rows: bool) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
+        counts = [sh["rows"] for sh in self._m[TOKENS]["shards"]]
+        starts = np.cumsum([0, *counts])
+        # One buffer per site, reused from group to group: refills cost no page faults.
+        bufs = {s: np.empty((0, self.d(s)), DTYPES[self.dtype]) for s in sites}
+        carry = np.empty(0, np.int64)  # ids of the rows left over from the last group (< bs)
+        held, done = start == 0, 0  # whether bufs begin with the carried rows; batches passed
+
+        def emit(sel: np.ndarray) -> dict[str, torch.Tensor]:
+            out = {s: _to_torch(bufs[s][sel], self.dtype) for s in sites}
+            return {**out, ROW: torch.from_numpy(ids[sel])} if return_rows else out
+
+        def fill(pool: ThreadPoolExecutor, group: list[int]) -> None:
+            c, n = len(carry), sum(counts[g] for g in group)
+            for s, buf in bufs.items():
+                if len(buf) < c + n:
+                    bufs[s] = np.empty((c + n + bs, self.d(s)), buf.dtype)
+                    bufs[s][: c * held] = buf[: c * held]
+            if not held:  # we skipped to start_batch: fetch the carried rows by index
+                shard_of = np.searchsorted(starts, carry, side="right") - 1
+                for g in np.unique(shard_of).tolist():
+                    at = shard_of == g
+                    for s in sites:
+                        rows = self._read(self._m["sites"][s]["shards"][g], verify=verify)
+                        bufs[s][:c][at] = rows[carry[at] - starts[g]]
+
+            def read(job: tuple[str, int, int]) -> None:
+                s, g, o = job
+                self._read(self._m["sites"][s]["shards"][g], bufs[s][o : o + counts[g]], verify)
+
+            # Shards are read and hashed in parallel: file reads and hashlib release the GIL.
+            offsets = (c + np.cumsum([0, *(counts[g] for g in group)])).tolist()
+            list(pool.map(read, [(s, g, o) for s in sites for g, o in zip(group, offsets)]))
+
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            for epoch in itertools.count():
+                rng = np.random.default_rng([seed, epoch])
+                for group in self._groups(rng.permutation(len(counts)), counts, limit):
+                    # Carried rows lead unshuffled, so each row leaves by the next group's first
+                    # batch. The draws are the same when skipping, so skipping reads nothing.
+                    c, n = len(carry), sum(counts[g] for g in group)
+                    order = np.concatenate([np.arange(c), c + rng.permutation(n)])
+                    ids = np.concatenate(
+                        [carry, *(np.arange(starts[g], starts[g + 1]) for g in group)]
+                    )
+                    n_full = len(order) // bs
+                    if done + n_full > start:
+                        fill(pool, group)
+                    for j in range(n_full):
+                        if done >= start:
+                            yield emit(order[j * bs : (j + 1) * bs])
+                        done += 1
+                    rest, held = order[n_full * bs :], done > start
+                    for s in sites if held else []:
+                        bufs[s][: len(rest)] = bufs[s][rest]
+                    carry = ids[rest]
+                if not loop:
+                    if len(carry) and done >= start:
+                        if not held:
+                            fill(pool, [])
+                        ids = carry
+                        yield emit(np.arange(len(carry)))
+                    return
+
+    @staticmethod
+    def _groups(order: np.ndarray, counts: list[int], limit: int) -> Iterator[list[int]]:
+        """Runs of consecutive shards of `order` holding at most `limit` rows (or one shard)."""
+        group: list[int] = []
+        for g in order.tolist():
+            if group and sum(counts[i] for i in group) + counts[g] > limit:
+                yield group
+                group = []
+            group.append(g)
+        yield group
