@@ -88,7 +88,8 @@ def main() -> None:
         "sites": len(sites),
         "tokens": args.tokens,
         "store_dtype": args.dtype,
-        "bytes_per_token": sum(model.site_dim(s) for s in sites) * (4 if args.dtype == "float32" else 2),
+        "bytes_per_token": sum(model.site_dim(s) for s in sites)
+        * (4 if args.dtype == "float32" else 2),
         "times_s": times,
         "bare_tokens_per_s": bare_tps,
         "harvest_tokens_per_s": harvest_tps,
