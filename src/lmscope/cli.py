@@ -68,6 +68,101 @@ def _cmd_harvest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str, kind: type = str) -> list:  # type: ignore[type-arg]
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def _train_specs(args: argparse.Namespace, site_names: list[str], n_layers: int) -> list:  # type: ignore[type-arg]
+    """SAESpecs from the command-line flags (one group: sites × widths × sparsities)."""
+    from lmscope.errors import ConfigError
+    from lmscope.model import parse_sites
+    from lmscope.train import expand_group
+
+    if not args.sites:
+        raise ConfigError("name the sites to train on with --sites (or give --config SUITE.toml)")
+    group: dict[str, object] = {
+        "sites": [str(s) for s in parse_sites(args.sites, n_layers)],
+        "widths": _csv(args.widths),
+        "architecture": args.arch,
+    }
+    sparsity = {"target_l0": args.l0, "sparsity_coeff": args.lam, "k": args.k}
+    given = {k: v for k, v in sparsity.items() if v}
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --l0, --lam or --k")
+    ((key, value),) = given.items()
+    group[key] = _csv(value, int if key != "sparsity_coeff" else float)
+    if args.out_site:
+        group["out_site"] = args.out_site
+    specs = expand_group(group)
+    missing = sorted({site for s in specs for site in s.sites} - set(site_names))
+    if missing:
+        raise ConfigError(
+            f"sites {missing} are not in the data; available: {', '.join(site_names)}"
+        )
+    return specs
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from lmscope.activations.store import ActivationStore
+    from lmscope.activations.stream import stream_batches
+    from lmscope.errors import ConfigError
+    from lmscope.model import SiteModel, load_model, parse_sites
+    from lmscope.train import TrainConfig, load_suite, store_data, train_suite
+
+    specs, cfg = load_suite(args.config) if args.config else ([], TrainConfig())
+    overrides = {
+        "total_tokens": args.tokens,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+        "fast": False if args.no_fast else None,
+    }
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if (args.store is None) == (args.stream_model is None):
+        raise ConfigError(
+            "give the data as --store URL (a harvested store) or --model NAME (stream)"
+        )
+    if args.store is not None:
+        store = ActivationStore(args.store)
+        n_layers = 1 + max(int(s.split(".")[0][1:]) for s in store.sites)
+        available = store.sites
+    else:
+        loaded = load_model(args.stream_model, device=args.device, dtype=args.model_dtype)
+        n_layers = SiteModel(loaded).n_layers
+        available = [str(s) for s in parse_sites("all.*", n_layers)]
+    if not specs:
+        specs = _train_specs(args, available, n_layers)
+    sites = sorted({site for s in specs for site in s.sites})
+    if args.store is not None:
+        data = store_data(store, sites, cfg.batch_size, seed=cfg.seed)
+    else:
+        data = stream_batches(loaded, sites, cfg.batch_size, corpus=args.corpus,
+                              seq_len=args.seq_len, seed=cfg.seed)  # fmt: skip
+    folders = train_suite(specs, data, cfg, args.out, resume=args.resume)
+    for f in folders:
+        print(f)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from lmscope.sae import export_sae, load_sae
+
+    path = export_sae(load_sae(args.sae), args.out, args.format)
+    print(f"wrote {args.format} SAE to {path}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from lmscope.sae import import_sae, save_sae
+
+    path = save_sae(import_sae(args.source), args.out)
+    print(f"imported {args.source} as a native lmscope SAE in {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmscope",
@@ -123,6 +218,73 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse to resume: fail if --out already holds a store",
     )
     p.set_defaults(func=_cmd_harvest)
+
+    p = sub.add_parser(
+        "train",
+        help="train a suite of SAEs in one pass over the data",
+        description="Train every SAE of a suite (sites × widths × sparsities) from one pass over a "
+        "harvested store (--store) or activations streamed from the model (--model). "
+        "Checkpoints on SIGINT/SIGTERM and every --checkpoint-every steps; --resume continues.",
+    )
+    p.add_argument(
+        "--config", help="suite TOML ([train] + [[sae]] groups); flags below override [train]"
+    )
+    p.add_argument("--store", help="activation store folder or fsspec URL")
+    p.add_argument("--model", dest="stream_model", default=None,
+                   help="stream activations from this model instead of a store")  # fmt: skip
+    p.add_argument("--device", default=None, help="device for a streamed model (default: best)")
+    p.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--corpus", default="default", help="corpus for a streamed model (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=128, help="streamed sequence length (default: %(default)s)"
+    )
+    p.add_argument("--sites", help="sites to train on, e.g. L6.resid_post or L0-17.resid_post")
+    p.add_argument("--arch", default="jumprelu",
+                   choices=["jumprelu", "topk", "batchtopk", "relu", "jumprelu_transcoder"],
+                   help="SAE architecture (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--widths",
+        default="16384",
+        help="comma-separated widths, e.g. 4096,16k (default: %(default)s)",
+    )
+    p.add_argument("--l0", help="target L0s, comma-separated (JumpReLU, ReLU, transcoders)")
+    p.add_argument("--lam", help="fixed sparsity coefficients λ, comma-separated")
+    p.add_argument("--k", help="k for topk/batchtopk, comma-separated")
+    p.add_argument("--out-site", help="transcoders: output site kind, e.g. mlp_out")
+    p.add_argument(
+        "--tokens", type=int, default=None, help="training tokens (default: config or 100M)"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default: 4096)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 7e-5)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed for init and data order (default: 0)"
+    )
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument(
+        "--no-fast", action="store_true", help="plain autograd instead of the sparse kernel"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--out", required=True, help="suite folder to write the SAEs into")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="write an SAE in another format",
+                       description="Write a native lmscope SAE folder as SAELens or Gemma Scope files.")  # fmt: skip
+    p.add_argument("sae", help="native SAE folder (config.json + weights.safetensors)")
+    p.add_argument(
+        "--format", required=True, choices=["native", "saelens", "gemmascope", "gemmascope2"]
+    )
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="read a Gemma Scope or SAELens SAE into lmscope's format",
+                       description="Import a local folder (Gemma Scope 1 params.npz, Gemma Scope 2, "
+                       "SAELens) or a Hugging Face path such as "
+                       "google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71.")  # fmt: skip
+    p.add_argument("source", help="local folder or Hugging Face repo path")
+    p.add_argument("--out", required=True, help="native SAE folder to write")
+    p.set_defaults(func=_cmd_import)
     return parser
 
 

@@ -1,0 +1,88 @@
+"""The command line: help on every command, one-line errors, and a small end-to-end run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmscope.cli import build_parser, main
+from lmscope.sae import load_sae
+
+COMMANDS = ["harvest", "train", "export", "import"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: lmscope " + command in capsys.readouterr().out
+
+
+def test_parser_knows_exactly_the_documented_commands() -> None:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(COMMANDS)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["harvest", "--model", "no-such-model!", "--out", "x"], "tiny-<gemma3"),
+        (
+            ["harvest", "--model", "tiny-gpt2", "--sites", "L9.resid_post", "--out", "x"],
+            "layers 0-3",
+        ),
+        (
+            ["harvest", "--model", "tiny-gpt2", "--sites", "L1.resid_pots", "--out", "x"],
+            "resid_post",
+        ),
+        (
+            ["harvest", "--model", "tiny-gpt2", "--corpus", "/no/such/dir", "--out", "x"],
+            "/no/such/dir",
+        ),
+        (
+            [
+                "train",
+                "--store",
+                "/no/such/store",
+                "--sites",
+                "L0.resid_post",
+                "--l0",
+                "8",
+                "--out",
+                "x",
+            ],
+            "no activation store",
+        ),  # fmt: skip
+        (["export", "/no/such/sae", "--format", "saelens", "--out", "x"], "/no/such/sae"),
+    ],
+)
+def test_bad_input_is_one_clear_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [a if a != "x" else str(tmp_path / "out") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmscope: error:") and "\n" not in err and message in err
+    assert not (tmp_path / "out").exists()  # nothing written on bad input
+
+
+def test_harvest_then_train_then_export_end_to_end(tmp_path: Path) -> None:
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text(" ".join((Path(__file__).read_text() * 8).split()))
+    run = [sys.executable, "-m", "lmscope"]
+    common = ["--model", "tiny-gemma2", "--corpus", str(corpus), "--seq-len", "32"]
+    subprocess.run([*run, "harvest", *common, "--sites", "L1.resid_post", "--tokens", "3000",
+                    "--device", "cpu", "--out", str(tmp_path / "store")], check=True)  # fmt: skip
+    subprocess.run([*run, "train", "--store", str(tmp_path / "store"), "--sites", "L1.resid_post",
+                    "--arch", "topk", "--k", "4", "--widths", "128", "--tokens", "3000",
+                    "--batch-size", "250", "--out", str(tmp_path / "suite")], check=True)  # fmt: skip
+    sae_dir = tmp_path / "suite" / "L1.resid_post-topk-w128-k4"
+    sae = load_sae(sae_dir)
+    assert sae.cfg.site == "L1.resid_post" and sae.cfg.d_sae == 128
+    subprocess.run([*run, "export", str(sae_dir), "--format", "saelens", "--out",
+                    str(tmp_path / "exported")], check=True)  # fmt: skip
+    assert (tmp_path / "exported" / "cfg.json").is_file()
