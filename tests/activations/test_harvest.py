@@ -17,7 +17,7 @@ from lmscope.activations.harvest import HarvestConfig, harvest
 from lmscope.activations.store import ActivationStore
 from lmscope.data import TokenBatches, special_ids
 from lmscope.errors import StoreError
-from lmscope.model import SiteModel, parse_sites, tiny_model
+from lmscope.model import LoadedModel, SiteModel, parse_sites, tiny_model
 
 SITES = "L0-3.resid_post,L1.attn_z,L2.mlp_out,L3.resid_mid"
 
@@ -136,3 +136,24 @@ def test_kill_9_mid_harvest_then_resume_equals_uninterrupted(corpus: Path, tmp_p
         [*cli, "--out", str(tmp_path / "full")], env=env, check=True, capture_output=True
     )
     _assert_same_store(ActivationStore(str(tmp_path / "full")), ActivationStore(str(cut)))
+
+
+@pytest.mark.slow
+def test_default_model_harvest_of_all_54_sites_equals_direct_reads(
+    gemma_270m: LoadedModel, tmp_path: Path
+) -> None:
+    """The README's main job in small: every layer's resid_post, mlp_out and attn_z of Gemma 3 270M
+    over the default corpus; each stored row equals the site read directly from the model."""
+    cfg = HarvestConfig(tokens=600, seq_len=64, batch_size=4)
+    store = harvest(cfg, str(tmp_path / "s"), loaded=gemma_270m, progress=False)
+    assert len(store.sites) == 54 and store.rows == 600
+    assert store.d("L6.resid_post") == 640 and store.d("L6.attn_z") == 1024
+    model = SiteModel(gemma_270m)
+    blocks = TokenBatches("default", gemma_270m.tokenizer, seq_len=64, batch_size=4, seed=0)
+    block = next(blocks)
+    n = block.n_tokens
+    with torch.inference_mode():
+        acts = model.run(block.input_ids, read=store.sites, return_logits=False,
+                         stop_after_layer=17).acts  # fmt: skip
+    for site in store.sites:
+        assert torch.equal(store.read_rows(site, 0, n), acts[site][block.mask]), site
