@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -223,6 +224,60 @@ def test_fast_kernel_and_autograd_give_the_same_weights(
     wf, ws = weights(fast), weights(slow)
     for k in wf:
         torch.testing.assert_close(wf[k], ws[k], rtol=1e-9, atol=1e-10)
+
+
+def test_fast_path_reuses_its_gradient_buffers_and_steps_with_fused_adam(
+    tiny_data: SparseSites,
+) -> None:
+    if trainer_mod._kernels is None:
+        pytest.skip("lmscope.train.kernels is not there yet")
+    run = trainer_mod._Run(SAESpec(SITE, 64, target_l0=6), quick(fast=True), {SITE: 16}, [1.0, 1.0])
+    assert run.fast and run.opt.param_groups[0]["fused"]
+    batches = tiny_data(0)
+    ptrs = []
+    for step in range(3):
+        run.train_step(next(batches), step)
+        ptrs.append((run.sae.W_enc.grad.data_ptr(), run.sae.W_dec.grad.data_ptr()))
+        norms = run.sae.W_dec.norm(dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    assert ptrs[0] == ptrs[1] == ptrs[2]
+
+
+def test_fast_path_update_does_not_depend_on_the_kernels_grad_layout(
+    tmp_path: Path, tiny_data: SparseSites, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fused Adam reads param and grad as flat memory: a transposed-layout grad must be laid out
+    # like its param before the step, or the update is silently wrong
+    kernels = trainer_mod._kernels
+    if kernels is None:
+        pytest.skip("lmscope.train.kernels is not there yet")
+    spec, cfg = [SAESpec(SITE, 64, target_l0=6)], quick(fast=True, total_tokens=64 * 20)
+    (plain,) = train_suite(spec, tiny_data, cfg, tmp_path / "a")
+    step_grads = kernels.jumprelu_step_grads
+
+    def transposed_layout(*args: Any, **kw: Any) -> Any:
+        o = step_grads(*args, **kw)
+        g = o.grad_W_enc.t().contiguous().t()  # same values, column-major
+        return dataclasses.replace(o, grad_W_enc=g)
+
+    monkeypatch.setattr(kernels, "jumprelu_step_grads", transposed_layout)
+    (odd,) = train_suite(spec, tiny_data, cfg, tmp_path / "b")
+    wa, wb = weights(plain), weights(odd)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_plain_adam_is_used_where_fused_is_not_available(
+    tmp_path: Path, tiny_data: SparseSites, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, cfg = [SAESpec(SITE, 64, target_l0=6)], quick(fast=True, total_tokens=64 * 20)
+    (fused,) = train_suite(spec, tiny_data, cfg, tmp_path / "fused")
+    monkeypatch.setattr(trainer_mod._Run, "FUSED_ADAM_DEVICES", frozenset())
+    run = trainer_mod._Run(spec[0], cfg, {SITE: 16}, [1.0, 1.0])
+    assert not run.opt.param_groups[0]["fused"]
+    (plain,) = train_suite(spec, tiny_data, cfg, tmp_path / "plain")
+    wf, wp = weights(fused), weights(plain)
+    for k in wf:  # the same Adam, rounded differently
+        torch.testing.assert_close(wf[k], wp[k], rtol=1e-4, atol=1e-5)
 
 
 # --- config and schedules --------------------------------------------------------------------
