@@ -86,3 +86,15 @@ def test_harvest_then_train_then_export_end_to_end(tmp_path: Path) -> None:
     subprocess.run([*run, "export", str(sae_dir), "--format", "saelens", "--out",
                     str(tmp_path / "exported")], check=True)  # fmt: skip
     assert (tmp_path / "exported" / "cfg.json").is_file()
+
+
+def test_threads_flag_sets_torch_threads() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit):
+            main(["--threads", "1", "export", "--help"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
