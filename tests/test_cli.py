@@ -88,13 +88,13 @@ def test_harvest_then_train_then_export_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "exported" / "cfg.json").is_file()
 
 
-def test_threads_flag_sets_torch_threads() -> None:
+def test_threads_flag_sets_torch_threads(tmp_path: Path) -> None:
     import torch
 
     before = torch.get_num_threads()
     try:
-        with pytest.raises(SystemExit):
-            main(["--threads", "1", "export", "--help"])
+        argv = ["--threads", "1", "export", str(tmp_path / "none"), "--format", "native"]
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 2
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
