@@ -72,6 +72,25 @@ def test_target_l0_is_reached_within_ten_percent(tmp_path: Path, sparse_sites: A
     assert summary["fvu"] < 0.3
 
 
+def test_target_l0_is_reached_on_a_small_language_models_activations(tmp_path: Path) -> None:
+    """The same promise on real activations: a tiny Gemma 3's L2.resid_post over real text."""
+    from lmscope.activations.harvest import HarvestConfig, harvest
+    from lmscope.model import tiny_model
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text(" ".join((Path(__file__).read_text() * 3).split()))
+    cfg = HarvestConfig(model="tiny-gemma3", sites="L2.resid_post", corpus=str(corpus), tokens=16384,
+                        seq_len=64, batch_size=16, shard_rows=4096)  # fmt: skip
+    store = harvest(cfg, str(tmp_path / "store"), loaded=tiny_model("gemma3"), progress=False)
+    data = trainer_mod.store_data(store, ["L2.resid_post"], 256, seed=0)
+    spec = SAESpec("L2.resid_post", width=256, target_l0=12)
+    tcfg = quick(total_tokens=256 * 2000, batch_size=256, norm_batches=8, log_every=100)
+    (path,) = train_suite([spec], data, tcfg, tmp_path / "suite")
+    summary = load_sae(path).cfg.training
+    assert abs(summary["l0"] / 12 - 1) < 0.10, summary
+    assert abs(l0(load_sae(path), store.read_rows("L2.resid_post")) / 12 - 1) < 0.10
+
+
 def test_topk_hits_k_by_construction(tmp_path: Path, tiny_data: SparseSites) -> None:
     (path,) = train_suite([SAESpec(SITE, 64, "topk", k=5)], tiny_data, quick(), tmp_path)
     sae = load_sae(path)

@@ -320,12 +320,16 @@ class _Run:
 def _summary(runs: list[_Run]) -> str:
     recs = [(r.spec, r.last) for r in runs if r.last]
     if len(recs) <= 2:
-        return " | ".join(f"{s.folder}: L0 {d['l0']:.1f} FVU {d['fvu']:.3f}" for s, d in recs)
+        return " | ".join(
+            f"{s.folder}: loss {d['loss']:.3g} L0 {d['l0']:.1f} FVU {d['fvu']:.3f}" for s, d in recs
+        )
     fvu = [d["fvu"] for _, d in recs]
     err = [abs(d["l0"] / (s.target_l0 or s.k) - 1) for s, d in recs if s.target_l0 or s.k]
     worst = f"L0 off by ≤{max(err):.0%}, " if err else ""
     dead = max(d["dead"] for _, d in recs)
-    return f"{worst}FVU mean {sum(fvu) / len(fvu):.3f} max {max(fvu):.3f}, dead ≤{dead}"
+    loss = max(d["loss"] for _, d in recs)
+    fvus = f"FVU mean {sum(fvu) / len(fvu):.3f} max {max(fvu):.3f}"
+    return f"{worst}{fvus}, loss ≤{loss:.3g}, dead ≤{dead}"
 
 
 def train_suite(
