@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,3 +38,16 @@ def tiny_batch(tiny: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """Two right-padded sentences for `tiny`: token ids and attention mask, [2, T] each."""
     batch = tiny.tokenizer(SENTENCES, return_tensors="pt", padding=True, padding_side="right")
     return batch.input_ids, batch.attention_mask
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """A small real-text corpus of many short documents (jsonl), so both splits always get some:
+    a single-document corpus lands whole in train or eval by its hash."""
+    import json
+
+    words = " ".join(p.read_text() for p in sorted(Path(__file__).parent.rglob("*.py"))).split()
+    docs = [" ".join(words[i : i + 80]) for i in range(0, len(words), 80)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path

@@ -70,9 +70,8 @@ def test_bad_input_is_one_clear_line(
     assert not (tmp_path / "out").exists()  # nothing written on bad input
 
 
-def test_harvest_then_train_then_export_end_to_end(tmp_path: Path) -> None:
-    corpus = tmp_path / "docs.txt"
-    corpus.write_text(" ".join((Path(__file__).read_text() * 8).split()))
+def test_harvest_then_train_then_export_end_to_end(tmp_path: Path, text_corpus: Path) -> None:
+    corpus = text_corpus
     run = [sys.executable, "-m", "lmscope"]
     common = ["--model", "tiny-gemma2", "--corpus", str(corpus), "--seq-len", "32"]
     subprocess.run([*run, "harvest", *common, "--sites", "L1.resid_post", "--tokens", "3000",

@@ -14,15 +14,10 @@ from lmscope.model import tiny_model
 SITES = ["L0.resid_post", "L2.mlp_out"]
 
 
-def _corpus(tmp_path: Path) -> Path:
-    words = (Path(__file__).read_text() * 6).split()
-    path = tmp_path / "docs.txt"
-    path.write_text(" ".join(words))
-    return path
-
-
-def test_streamed_rows_equal_a_harvest_of_the_same_tokens(tmp_path: Path) -> None:
-    corpus = _corpus(tmp_path)
+def test_streamed_rows_equal_a_harvest_of_the_same_tokens(
+    tmp_path: Path, text_corpus: Path
+) -> None:
+    corpus = text_corpus
     loaded = tiny_model("llama")
     data = stream_batches(loaded, SITES, 100, corpus=str(corpus), seq_len=32, model_batch=4)
     batches = list(itertools.islice(data(0), 6))
@@ -34,8 +29,8 @@ def test_streamed_rows_equal_a_harvest_of_the_same_tokens(tmp_path: Path) -> Non
         assert torch.equal(torch.cat([b[s] for b in batches]), store.read_rows(s))
 
 
-def test_starting_at_batch_k_equals_skipping_k_batches(tmp_path: Path) -> None:
-    corpus = _corpus(tmp_path)
+def test_starting_at_batch_k_equals_skipping_k_batches(tmp_path: Path, text_corpus: Path) -> None:
+    corpus = text_corpus
     data = stream_batches(tiny_model("gpt2"), SITES, 70, corpus=str(corpus), seq_len=32)
     straight = list(itertools.islice(data(0), 7))
     resumed = list(itertools.islice(data(4), 3))

@@ -72,13 +72,14 @@ def test_target_l0_is_reached_within_ten_percent(tmp_path: Path, sparse_sites: A
     assert summary["fvu"] < 0.3
 
 
-def test_target_l0_is_reached_on_a_small_language_models_activations(tmp_path: Path) -> None:
+def test_target_l0_is_reached_on_a_small_language_models_activations(
+    tmp_path: Path, text_corpus: Path
+) -> None:
     """The same promise on real activations: a tiny Gemma 3's L2.resid_post over real text."""
     from lmscope.activations.harvest import HarvestConfig, harvest
     from lmscope.model import tiny_model
 
-    corpus = tmp_path / "docs.txt"
-    corpus.write_text(" ".join((Path(__file__).read_text() * 3).split()))
+    corpus = text_corpus
     cfg = HarvestConfig(model="tiny-gemma3", sites="L2.resid_post", corpus=str(corpus), tokens=16384,
                         seq_len=64, batch_size=16, shard_rows=4096)  # fmt: skip
     store = harvest(cfg, str(tmp_path / "store"), loaded=tiny_model("gemma3"), progress=False)
