@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -151,6 +152,45 @@ def test_manifest_checksums_every_file_and_nothing_else_is_left(url: str) -> Non
     for name, digest in listed.items():
         assert hashlib.sha256(on_disk[name]).hexdigest() == digest
         np.load(io.BytesIO(on_disk[name]), allow_pickle=False)  # plain .npy, no pickles
+
+
+def test_crc32_store_names_its_checksum_covers_whole_files_and_catches_corruption(
+    url: str, new_url: Callable[[], str]
+) -> None:
+    blocks = make_blocks()
+    write(url, blocks, checksum="crc32")
+    m, on_disk = manifest(url), files(url)
+    shards = [
+        sh for sec in [*m["sites"].values(), m["tokens"], m["sequences"]] for sh in sec["shards"]
+    ]
+    assert shards and all(set(sh) == {"file", "rows", "crc32"} for sh in shards)
+    for sh in shards:
+        assert f"{zlib.crc32(on_disk[sh['file']]):08x}" == sh["crc32"]
+    reference = new_url()
+    write(reference, blocks)  # a sha256 store: the same shard bytes, other manifest checksums
+    assert {k: v for k, v in files(reference).items() if k != "manifest.json"} == {
+        k: v for k, v in on_disk.items() if k != "manifest.json"
+    }
+    fs, root = fsspec.core.url_to_fs(url)
+    path = f"{root}/{A}/shard-000001.npy"
+    data = bytearray(fs.cat_file(path))
+    data[-3] ^= 0xFF
+    fs.pipe_file(path, bytes(data))
+    with pytest.raises(StoreError, match=f"{A}/shard-000001.npy .*corrupt \\(crc32"):
+        ActivationStore(url).read_rows(A)
+
+
+def test_caller_may_reuse_its_tensors_after_append(url: str) -> None:
+    blocks = make_blocks(3)
+    expected = {s: torch.cat([b[0][s] for b in blocks]) for s in SITES}
+    with StoreWriter(url, sites=SITES, model_name="tiny-gemma3", shard_rows=16) as w:
+        for acts, ids, mask in blocks:
+            w.append(acts, ids, mask)
+            for a in acts.values():
+                a.zero_()
+    store = ActivationStore(url)
+    for s in SITES:
+        assert torch.equal(store.read_rows(s), expected[s])
 
 
 def test_corrupt_shard_byte_names_the_shard(url: str) -> None:

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,8 @@ DTYPES: dict[str, np.dtype[Any]] = {
 }  # fmt: skip
 TOKENS, SEQUENCES, ROW = "tokens", "sequences", "row"
 _RESERVED = {TOKENS, SEQUENCES, ROW, "manifest.json"}
-Shard = dict[str, Any]  # {"file": path relative to the root, "rows": int, "sha256": hex digest}
+Shard = dict[str, Any]  # {"file": path relative to the root, "rows": int, "<checksum>": hex digest}
+CHECKSUMS = ("sha256", "crc32")  # sha256 is the default; crc32 is ~3x cheaper to compute here
 
 
 def _now() -> str:
@@ -66,13 +68,96 @@ def _put(fs: Any, path: str, chunks: Sequence[bytes | memoryview]) -> None:
     os.replace(tmp, path)
 
 
+class _Crc32:
+    """hashlib-style running crc32 (zlib releases the GIL on large buffers, like hashlib)."""
+
+    def __init__(self) -> None:
+        self._v = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._v = zlib.crc32(data, self._v)
+
+    def hexdigest(self) -> str:
+        return f"{self._v:08x}"
+
+
+def _hasher(checksum: str) -> Any:
+    return _Crc32() if checksum == "crc32" else hashlib.sha256()
+
+
+def _npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        head, {"descr": dtype.str, "fortran_order": False, "shape": shape}
+    )
+    return head.getvalue()
+
+
+class _ShardFile:
+    """One shard being written. Rows stream in block by block, checksummed while still in cache,
+    so a shard's cost is spread over the blocks that fill it instead of landing on the last one.
+    Nothing is visible until `publish`: a local temp file is fsynced and renamed; elsewhere the
+    rows are held and PUT whole."""
+
+    def __init__(self, fs: Any, path: str, rows: int, checksum: str) -> None:
+        self.fs, self.path, self.planned, self.checksum = fs, path, rows, checksum
+        self.rows = 0
+        self.stats: list[tuple[float, np.ndarray]] = []  # (Σ‖x‖², Σx) per part, for the manifest
+        self._head = b""
+        self._digest = _hasher(checksum)
+        self._file: IO[bytes] | None = None
+        self._chunks: list[bytes] = []
+        self._row: tuple[np.dtype[Any], tuple[int, ...]] | None = None
+
+    def write(self, a: np.ndarray) -> None:
+        if self._row is None:  # the header of a full shard; a short last one is redone on publish
+            self._row = (a.dtype, a.shape[1:])
+            self._head = _npy_header(a.dtype, (self.planned, *a.shape[1:]))
+            self._digest.update(self._head)
+            if isinstance(self.fs, LocalFileSystem):
+                self._file = open(f"{self.path}.tmp-{uuid.uuid4().hex[:8]}", "w+b")
+                self._file.write(self._head)
+        data = np.ascontiguousarray(a).data.cast("B")
+        self._digest.update(data)
+        if self._file is not None:
+            self._file.write(data)
+        else:  # our own copy: the caller may reuse its array
+            self._chunks.append(bytes(data))
+        self.rows += len(a)
+
+    def publish(self) -> str:
+        """Make the file visible whole; returns its checksum."""
+        assert self._row is not None and 0 < self.rows <= self.planned
+        f = self._file
+        if self.rows < self.planned:  # the short last shard: a new header, so hash it all again
+            if f is not None:
+                f.seek(len(self._head))
+                self._chunks = [f.read()]
+            self._head = _npy_header(self._row[0], (self.rows, *self._row[1]))
+            self._digest = _hasher(self.checksum)
+            for c in [self._head, *self._chunks]:
+                self._digest.update(c)
+            if f is not None:
+                f.seek(0)
+                f.writelines([self._head, *self._chunks])
+                f.truncate()
+        if f is None:
+            self.fs.pipe_file(self.path, b"".join([self._head, *self._chunks]))
+        else:
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
+            f.close()
+            os.replace(f.name, self.path)
+        return str(self._digest.hexdigest())
+
+
 class _Files:
     """The manifest and verified shard reads under one fsspec root."""
 
     def __init__(self, url: str) -> None:
         fs, root = fsspec.core.url_to_fs(url)
         self.url, self._fs, self._root = url, fs, root.rstrip("/")
-        self._verified: set[tuple[str, str]] = set()  # (file, fsspec ukey) whose sha256 matched
+        self._verified: set[tuple[str, str]] = set()  # (file, fsspec ukey) whose checksum matched
 
     def _read_manifest(self) -> dict[str, Any] | None:
         try:
@@ -92,7 +177,7 @@ class _Files:
         return open(path, "rb") if local else self._fs.open(path, "rb")  # type: ignore[no-any-return]
 
     def _read(self, shard: Shard, out: np.ndarray | None = None, verify: bool = True) -> np.ndarray:
-        """One shard, read straight into `out` if given. Its sha256 is checked unless this object
+        """One shard, read straight into `out` if given. Its checksum is checked unless this object
         already checked this very version of the file (fsspec's ukey: size, mtime …)."""
         name, path = shard["file"], f"{self._root}/{shard['file']}"
         where = f"shard {name} of the store at {self.url}"
@@ -111,11 +196,13 @@ class _Files:
                 if f.readinto(out.data.cast("B")) != out.nbytes or f.read(1):  # type: ignore[attr-defined]
                     raise ValueError("its length does not match its header")
                 if verify and key not in self._verified:
+                    algo = next(c for c in CHECKSUMS if c in shard)
                     f.seek(0)
-                    digest = hashlib.sha256(f.read(head))
+                    digest = _hasher(algo)
+                    digest.update(f.read(head))
                     digest.update(out.data.cast("B"))
-                    if digest.hexdigest() != shard["sha256"]:
-                        raise StoreError(f"{where} is corrupt (sha256 mismatch); re-harvest it")
+                    if digest.hexdigest() != shard[algo]:
+                        raise StoreError(f"{where} is corrupt ({algo} mismatch); re-harvest it")
                     self._verified.add(key)
         except FileNotFoundError:
             raise StoreError(f"{where} is missing") from None
@@ -151,8 +238,11 @@ class StoreWriter(_Files):
         shard_rows: int = 16384,
         meta: Mapping[str, Any] | None = None,
         resume: bool = False,
+        checksum: str = "sha256",
     ) -> None:
         super().__init__(url)
+        if checksum not in CHECKSUMS:
+            raise StoreError(f"unknown checksum {checksum!r}; choose one of {', '.join(CHECKSUMS)}")
         if dtype not in DTYPES:
             raise StoreError(f"unknown store dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         if shard_rows < 1:
@@ -161,6 +251,7 @@ class StoreWriter(_Files):
             raise StoreError(f"bad site names {list(sites)}: need some, without '/' or {_RESERVED}")
         self.sites = {s: int(d) for s, d in sites.items()}
         self.model_name, self.dtype, self.shard_rows = model_name, dtype, shard_rows
+        self.checksum = checksum
         self.meta = json.loads(json.dumps(dict(meta or {})))  # fails early if not JSON
         m = self._read_manifest()
         if m is not None and not resume:
@@ -180,7 +271,7 @@ class StoreWriter(_Files):
         self._skip_seqs = m[SEQUENCES]["rows"] - at["sequences"]
         # Stored rows past the resume point: the blocks fed again must reproduce their tokens.
         self._expect = self._read_range(m[TOKENS]["shards"], shard_rows, at["rows"], m["rows"])
-        self._pending: dict[str, list[np.ndarray]] = {s: [] for s in [*sites, TOKENS, SEQUENCES]}
+        self._filling: dict[str, _ShardFile] = {}  # stream → its shard being written
 
     @property
     def blocks_done(self) -> int:
@@ -256,10 +347,9 @@ class StoreWriter(_Files):
         n_blocks, n_rows, n_seqs = self._fed
         b, t = np.nonzero(keep)
         rows = {TOKENS: np.stack([ids[b, t], b + n_seqs, t], 1)}
-        for s, x in acts.items():
+        for s, x in acts.items():  # all checked before anything is written
             a = _to_numpy(x, self.dtype)
-            # Our own copy either way: the caller may reuse its tensor after `append`.
-            a = a[keep] if a.shape[:2] == keep.shape and a.ndim == 3 else a.copy()
+            a = a[keep] if a.shape[:2] == keep.shape and a.ndim == 3 else a
             if a.shape != (len(b), self.sites[s]):
                 want = [len(b), self.sites[s]]
                 raise StoreError(f"acts[{s!r}] has shape {list(x.shape)}, expected {want}")
@@ -274,12 +364,11 @@ class StoreWriter(_Files):
             rows, self._skip_rows = {s: a[k:] for s, a in rows.items()}, self._skip_rows - k
         j = min(self._skip_seqs, len(seqs))
         self._skip_seqs -= j
-        for s, a in [*rows.items(), (SEQUENCES, seqs[j:])]:
-            if len(a):
-                self._pending[s].append(a)
         self._fed = (n_blocks + 1, n_rows + len(b), n_seqs + len(ids))
         self._boundaries.append(self._fed)
-        self._flush(final=False)
+        wrote = self._feed(rows, self.shard_rows)
+        if self._feed({SEQUENCES: seqs[j:]}, seq["shard_rows"]) or wrote:
+            self._commit(final=False)
 
     def close(self) -> None:
         """Write the tail shards and mark the store complete. A no-op on a complete store."""
@@ -287,7 +376,10 @@ class StoreWriter(_Files):
             return
         if self._skip_rows or self._skip_seqs:
             raise StoreError(f"store at {self.url} holds rows of blocks not fed again yet")
-        self._flush(final=True)
+        for group in ([*self.sites, TOKENS], [SEQUENCES]):
+            if group[0] in self._filling:
+                self._publish(group)
+        self._commit(final=True)
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -300,12 +392,53 @@ class StoreWriter(_Files):
         self._m["updated"] = _now()
         _put(self._fs, f"{self._root}/manifest.json", [json.dumps(self._m, indent=1).encode()])
 
-    def _flush(self, final: bool) -> None:
+    def _feed(self, rows: dict[str, np.ndarray], size: int) -> bool:
+        """Write the rows of streams that advance together (all sites and tokens, or sequences)
+        into their open shards, publishing each shard that fills. True if any was published."""
+        names, n = list(rows), len(next(iter(rows.values())))
+        published, lo = False, 0
+        while lo < n:
+            if names[0] not in self._filling:
+                for name in names:
+                    sec = self._section(name)
+                    path = f"{self._root}/{name}/shard-{len(sec['shards']):06d}.npy"
+                    self._fs.makedirs(f"{self._root}/{name}", exist_ok=True)
+                    self._filling[name] = _ShardFile(self._fs, path, size, self.checksum)
+            hi = min(n, lo + size - self._filling[names[0]].rows)
+            for name in names:
+                self._write(name, rows[name][lo:hi])
+            lo = hi
+            if self._filling[names[0]].rows == size:
+                self._publish(names)
+                published = True
+        return published
+
+    def _write(self, name: str, part: np.ndarray) -> None:
+        shard = self._filling[name]
+        shard.write(part)
+        if name in self.sites:  # stats of the stored (rounded) values, summed in float64
+            x = _to_torch(part, self.dtype).numpy()  # numpy casts to float64 in small steps
+            shard.stats.append(
+                (float(np.einsum("ij,ij->", x, x, dtype=np.float64)), x.sum(0, dtype=np.float64))
+            )
+
+    def _section(self, name: str) -> dict[str, Any]:
+        return self._m["sites"].get(name) or self._m[name]  # type: ignore[no-any-return]
+
+    def _publish(self, names: list[str]) -> None:
+        """Make the open shards of `names` whole files; the manifest lists them on `_commit`."""
+        for name in names:
+            shard, sec = self._filling.pop(name), self._section(name)
+            digest = shard.publish()
+            rel = shard.path[len(self._root) + 1 :]
+            sec["shards"].append({"file": rel, "rows": shard.rows, self.checksum: digest})
+            for sq, total in shard.stats:  # part by part, as a resumed writer adds them too
+                sec["sum_sq_norm"] += sq
+                sec["sum"] = (np.asarray(sec["sum"]) + total).tolist()
+        (self._m[SEQUENCES] if names[0] == SEQUENCES else self._m)["rows"] += shard.rows
+
+    def _commit(self, final: bool) -> None:
         m = self._m
-        wrote = self._drain([*self.sites, TOKENS], self.shard_rows, final)
-        wrote = self._drain([SEQUENCES], m[SEQUENCES]["shard_rows"] or 1, final) or wrote
-        if not (wrote or final):
-            return
         # The resume point: the last block boundary that both streams have fully committed.
         while self._boundaries and self._boundaries[0][1] <= m["rows"]:
             if self._boundaries[0][2] > m[SEQUENCES]["rows"]:
@@ -313,46 +446,7 @@ class StoreWriter(_Files):
             blocks, rows, seqs = self._boundaries.popleft()
             m["resume"] = {"blocks": blocks, "rows": rows, "sequences": seqs}
         m["complete"] = final
-        self._save()  # only now do the shards just written become part of the store
-
-    def _drain(self, names: list[str], size: int, final: bool) -> bool:
-        """Write every full shard (on `final` also the tail) of streams that advance together."""
-        total = sum(len(a) for a in self._pending[names[0]])
-        n = total if final else total - total % size
-        for lo in range(0, n, size):
-            for name in names:
-                self._write_shard(name, self._take(name, min(size, n - lo)))
-        (self._m[SEQUENCES] if names[0] == SEQUENCES else self._m)["rows"] += n
-        return n > 0
-
-    def _take(self, name: str, n: int) -> list[np.ndarray]:
-        """The first `n` pending rows of a stream, as views: no concatenation before writing."""
-        parts, pending = [], self._pending[name]
-        while n:
-            a = pending.pop(0)
-            parts.append(a[:n])
-            if len(a) > n:
-                pending.insert(0, a[n:])
-            n -= len(parts[-1])
-        return parts
-
-    def _write_shard(self, name: str, parts: list[np.ndarray]) -> None:
-        sec = self._m["sites"].get(name) or self._m[name]
-        rel, head = f"{name}/shard-{len(sec['shards']):06d}.npy", io.BytesIO()
-        shape = (sum(map(len, parts)), *parts[0].shape[1:])
-        header = {"descr": parts[0].dtype.str, "fortran_order": False, "shape": shape}
-        np.lib.format.write_array_header_1_0(head, header)
-        chunks: list[bytes | memoryview] = [head.getvalue(), *(p.data.cast("B") for p in parts)]
-        digest = hashlib.sha256()
-        for c in chunks:
-            digest.update(c)
-        self._fs.makedirs(f"{self._root}/{name}", exist_ok=True)
-        _put(self._fs, f"{self._root}/{rel}", chunks)
-        sec["shards"].append({"file": rel, "rows": shape[0], "sha256": digest.hexdigest()})
-        for p in parts if name in self.sites else []:  # stats of the stored (rounded) values
-            x = _to_torch(p, self.dtype).numpy()  # numpy casts to float64 in small buffered steps
-            sec["sum_sq_norm"] += float(np.einsum("ij,ij->", x, x, dtype=np.float64))
-            sec["sum"] = (np.asarray(sec["sum"]) + x.sum(0, dtype=np.float64)).tolist()
+        self._save()  # only now do the shards just published become part of the store
 
 
 class ActivationStore(_Files):
