@@ -43,7 +43,8 @@ def main() -> None:
     loaded = load_model(args.model, device="cpu")
     model = SiteModel(loaded)
     sites = parse_sites(args.sites, model.n_layers)
-    last = f"L{max(s.layer for s in sites)}.resid_post"
+    last_layer = max(s.layer for s in sites)
+    last = f"L{last_layer}.resid_post"
     cfg = HarvestConfig(model=args.model, sites=args.sites, tokens=args.tokens, dtype=args.dtype)
     blocks = list(
         TokenBatches(
@@ -59,8 +60,9 @@ def main() -> None:
     def bare() -> None:
         with torch.inference_mode():
             for b in blocks:
-                model.run(b.input_ids, read=[last], stop_after_layer=int(last[1:].split(".")[0]),
-                          return_logits=False)  # fmt: skip
+                model.run(
+                    b.input_ids, read=[last], stop_after_layer=last_layer, return_logits=False
+                )
 
     def full() -> None:
         root = Path(tempfile.mkdtemp(prefix="lmscope-bench-harvest-"))

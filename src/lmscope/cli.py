@@ -127,7 +127,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if args.store is not None:
         store = ActivationStore(args.store)
-        n_layers = 1 + max(int(s.split(".")[0][1:]) for s in store.sites)
+        # The store names its sites, not the model's depth: enough layers to parse every name.
+        n_layers = 1 + max(s.layer for s in parse_sites(store.sites, 1 << 30))
         available = store.sites
     else:
         loaded = load_model(args.stream_model, device=args.device, dtype=args.model_dtype)

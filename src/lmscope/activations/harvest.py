@@ -44,6 +44,16 @@ class HarvestConfig:
     shard_rows: int = 8192
 
 
+def read_sites(
+    model: SiteModel, input_ids: torch.Tensor, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """The named sites for one token block, from a forward pass that stops after the deepest of
+    them and computes no logits: what harvesting and streaming both need."""
+    last = max(model.site(n).layer for n in names)
+    with torch.inference_mode():
+        return model.run(input_ids, read=names, stop_after_layer=last, return_logits=False).acts
+
+
 def _store_meta(cfg: HarvestConfig) -> dict[str, Any]:
     """What a resumed harvest must share with the original for the store to stay consistent."""
     keep = ("corpus", "seq_len", "batch_size", "split", "seed", "model_dtype")
@@ -154,7 +164,6 @@ def harvest(
         max_tokens=cfg.tokens,
         skip=writer.blocks_done * cfg.batch_size,
     )
-    last_layer = max(s.layer for s in sites)
     bar = tqdm(
         total=cfg.tokens,
         initial=writer.rows_committed,
@@ -169,11 +178,7 @@ def harvest(
         for block in _blocks(batches, cfg.tokens):
             if max_blocks is not None and done >= max_blocks:
                 break
-            ids = block.input_ids.to(loaded.device)
-            with torch.inference_mode():
-                acts = model.run(
-                    ids, read=names, stop_after_layer=last_layer, return_logits=False
-                ).acts
+            acts = read_sites(model, block.input_ids.to(loaded.device), names)
             background.put({n: acts[n].to("cpu") for n in names}, block.input_ids, block.mask)
             done += 1
             bar.update(block.n_tokens)

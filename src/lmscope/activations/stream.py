@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from lmscope.activations.harvest import read_sites
 from lmscope.data import TokenBatches
 from lmscope.model import LoadedModel, SiteModel, parse_sites
 
@@ -35,7 +36,6 @@ def stream_batches(
     """
     model = SiteModel(loaded)
     names = [str(s) for s in parse_sites(list(sites), model.n_layers)]
-    last = max(model.site(n).layer for n in names)
 
     def factory(start_batch: int) -> Iterator[dict[str, torch.Tensor]]:
         skip = start_batch * batch_size
@@ -53,13 +53,7 @@ def stream_batches(
             if skip >= block.n_tokens:  # already trained on: no forward pass needed
                 skip -= block.n_tokens
                 continue
-            with torch.inference_mode():
-                acts = model.run(
-                    block.input_ids.to(loaded.device),
-                    read=names,
-                    stop_after_layer=last,
-                    return_logits=False,
-                ).acts
+            acts = read_sites(model, block.input_ids.to(loaded.device), names)
             mask = block.mask.to(loaded.device)
             for n in names:
                 pending[n].append(acts[n][mask][skip:].float().cpu())
