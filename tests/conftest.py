@@ -51,3 +51,28 @@ def text_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
+
+
+def build_tiny_suite(out: Path, sites: str = "L0-1.resid_post", width: int = 64, l0: float = 8.0,
+                     tokens: int = 128 * 300, corpus: str = "default") -> Path:  # fmt: skip
+    """Train a small JumpReLU suite on tiny-gemma3 (streamed, a few hundred steps) and write its manifest."""
+    from lmscope.activations.stream import stream_batches
+    from lmscope.model import SiteModel, parse_sites
+    from lmscope.suite import record_training
+    from lmscope.train import SAESpec, TrainConfig, train_suite
+
+    loaded = tiny_model("gemma3")
+    names = [str(s) for s in parse_sites(sites, SiteModel(loaded).n_layers)]
+    specs = [SAESpec(n, width, target_l0=l0, model="tiny-gemma3") for n in names]
+    cfg = TrainConfig(total_tokens=tokens, batch_size=128, lr=1e-3, lr_warmup_steps=20,
+                      lambda_warmup_steps=50, norm_batches=4, progress=False, log_every=50)  # fmt: skip
+    data = stream_batches(loaded, names, cfg.batch_size, corpus=corpus, seq_len=32)
+    folders = train_suite(specs, data, cfg, out)
+    record_training(out, folders, model="tiny-gemma3", corpus=corpus, seq_len=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained 2-SAE suite (tiny-gemma3, L0-1.resid_post, width 64); shared: copy it before changing it."""
+    return build_tiny_suite(tmp_path_factory.mktemp("suite") / "suite")

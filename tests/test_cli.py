@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lmscope.cli import build_parser, main
+from lmscope.cli import STAGE_CLIS, build_parser, main
 from lmscope.sae import load_sae
 
-COMMANDS = ["harvest", "train", "export", "import"]
+CORE = ["harvest", "train", "export", "import"]
+# every stage module lists the commands it registers
+COMMANDS = CORE + [c for m in STAGE_CLIS for c in importlib.import_module(m).COMMANDS]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -81,7 +85,12 @@ def test_harvest_then_train_then_export_end_to_end(tmp_path: Path, text_corpus: 
                     "--batch-size", "250", "--out", str(tmp_path / "suite")], check=True)  # fmt: skip
     sae_dir = tmp_path / "suite" / "L1.resid_post-topk-w128-k4"
     sae = load_sae(sae_dir)
-    assert sae.cfg.site == "L1.resid_post" and sae.cfg.d_sae == 128
+    assert (
+        sae.cfg.site == "L1.resid_post" and sae.cfg.d_sae == 128 and sae.cfg.model == "tiny-gemma2"
+    )
+    manifest = json.loads((tmp_path / "suite" / "manifest.json").read_text())
+    assert manifest["model"] == "tiny-gemma2" and manifest["seq_len"] == 32
+    assert [e["name"] for e in manifest["saes"]] == [sae_dir.name]
     subprocess.run([*run, "export", str(sae_dir), "--format", "saelens", "--out",
                     str(tmp_path / "exported")], check=True)  # fmt: skip
     assert (tmp_path / "exported" / "cfg.json").is_file()

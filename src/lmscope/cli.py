@@ -7,12 +7,22 @@ purpose (`LmscopeError`) print as one line, and `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
 from lmscope.errors import LmscopeError
 
 Command = Callable[[argparse.Namespace], int]
+
+# Each module defines ``register(subparsers)``, adding its commands; imports inside the commands
+# keep `lmscope --help` fast.
+STAGE_CLIS = (
+    "lmscope.evals.cli",
+    "lmscope.interp.cli",
+    "lmscope.intervene.cli",
+    "lmscope.serve.cli",
+)
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -109,6 +119,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lmscope.activations.stream import stream_batches
     from lmscope.errors import ConfigError
     from lmscope.model import SiteModel, load_model, parse_sites
+    from lmscope.suite import record_training
     from lmscope.train import TrainConfig, load_suite, store_data, train_suite
 
     specs, cfg = load_suite(args.config) if args.config else ([], TrainConfig())
@@ -136,6 +147,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         available = [str(s) for s in parse_sites("all.*", n_layers)]
     if not specs:
         specs = _train_specs(args, available, n_layers)
+    if args.store is not None:
+        meta = store.meta
+        model, corpus = store.model_name, str(meta.get("corpus", "default"))
+        seq_len, model_dtype = int(meta.get("seq_len", 128)), str(meta.get("model_dtype", "float32"))  # fmt: skip
+    else:
+        model, corpus, seq_len, model_dtype = args.stream_model, args.corpus, args.seq_len, args.model_dtype  # fmt: skip
+    specs = [s if s.model else replace(s, model=model) for s in specs]
     sites = sorted({site for s in specs for site in s.sites})
     if args.store is not None:
         data = store_data(store, sites, cfg.batch_size, seed=cfg.seed)
@@ -143,6 +161,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data = stream_batches(loaded, sites, cfg.batch_size, corpus=args.corpus,
                               seq_len=args.seq_len, seed=cfg.seed)  # fmt: skip
     folders = train_suite(specs, data, cfg, args.out, resume=args.resume)
+    record_training(args.out, folders, model=model, corpus=corpus, seq_len=seq_len, model_dtype=model_dtype)  # fmt: skip
     for f in folders:
         print(f)
     return 0
@@ -292,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="local folder or Hugging Face repo path")
     p.add_argument("--out", required=True, help="native SAE folder to write")
     p.set_defaults(func=_cmd_import)
+    for stage in STAGE_CLIS:  # later stages add their own subcommands
+        importlib.import_module(stage).register(sub)
     return parser
 
 
