@@ -374,3 +374,14 @@ def test_trains_from_an_activation_store(tmp_path: Path, tiny_data: SparseSites)
     data = trainer_mod.store_data(store, [SITE], 64)
     (path,) = train_suite([SAESpec(SITE, 64, target_l0=6)], data, quick(), tmp_path / "out")
     assert load_sae(path).cfg.training["steps"] == 60
+
+
+def test_threshold_steering_reaches_target_l0_in_a_short_run(tmp_path: Path, sparse_sites: Any) -> None:
+    """Few steps and θ₀ far from the answer: acting on θ directly still lands on L0*."""
+    data = sparse_sites({SITE: 32}, rows=16384, batch=256, n_feat=512, n_active=8)
+    spec = SAESpec(SITE, width=256, target_l0=24)
+    cfg = quick(total_tokens=256 * 400, batch_size=256, norm_batches=8, log_every=50)
+    (path,) = train_suite([spec], data, cfg, tmp_path)
+    sae = load_sae(path)
+    assert abs(sae.cfg.training["l0"] / 24 - 1) < 0.10, sae.cfg.training
+    assert abs(l0(sae, data.held_out(SITE)) / 24 - 1) < 0.15

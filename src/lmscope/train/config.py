@@ -163,6 +163,11 @@ class TrainConfig:
     lambda_init: float = 1e-3
     l0_gain: float = 2.0
     l0_ema: float = 0.95
+    # ...and JumpReLU thresholds are also scaled directly, θ ← θ·exp(l0_theta_gain·log(L0/L0*))
+    # clipped to ±l0_theta_gain per step: λ only reaches L0 through Adam's ~lr-per-step moves of
+    # θ, a lag that made the λ loop overshoot (64 asked, 86 reached on Gemma L6); acting on θ
+    # answers within tens of steps. 0 turns it off (λ control alone).
+    l0_theta_gain: float = 0.01
     dead_after_tokens: int = 10_000_000  # a latent is dead if it has not fired for this many rows
     checkpoint_every: int = 10_000  # steps; 0 → only on signals and at max_steps
     log_every: int = 100

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,19 @@ except ImportError:  # pragma: no cover
 
 DataFactory = Callable[[int], Iterator[dict[str, Tensor]]]
 """``data(start_batch)``: batches from position ``start_batch`` on, identical on every call."""
+
+
+class StepSync(Protocol):
+    """The ranks that train the same SAEs data-parallel (``lmscope.distributed.DataParallel``)."""
+
+    def batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This rank's rows of the global batch."""
+
+    def grads(self, params: list[Tensor]) -> None:
+        """Make every rank's ``.grad`` (of its rows' mean loss) the global batch's, in place."""
+
+    def stats(self, vals: Tensor, fires: Tensor, rows: int) -> tuple[Tensor, Tensor, int]:
+        """Global-batch means of the per-row means ``vals``, summed fire counts, global rows."""
 
 
 class TrainingInterrupted(LmscopeError):
@@ -146,6 +159,7 @@ class _Run:
         self.topk = spec.architecture in ("topk", "batchtopk")
         self.fast = cfg.fast and _kernels is not None and spec.architecture == "jumprelu"
         self.grads: _kernels.StepOut | None = None  # the kernel's last output: buffers to reuse
+        self.sync: StepSync | None = None  # other ranks training this SAE on other rows, if any
         self.ctl: L0Controller | None = None
         if spec.target_l0 is not None and not self.topk:
             # θ moves ≈ lr per Adam step and normalised pre-activations have scale ≈ 1/√d_in, so
@@ -197,6 +211,8 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         if self.fast:
             loss, mse, l0, fires = self._fast_grads(x, lam)
+            if self.sync is not None:
+                self.sync.grads(list(sae.parameters()))
             self.opt.step()
             # = sae.after_step(): unit-norm decoder rows (in place, no temporaries), θ floor
             _kernels.renormalise_rows_(sae.W_dec)
@@ -213,19 +229,35 @@ class _Run:
                 **kw,
             )
             out.loss.backward()
+            if self.sync is not None:
+                self.sync.grads(list(sae.parameters()))
             loss, mse, l0, fires = out.loss, out.mse, out.l0, (out.f != 0).sum(0)
             sae.remove_parallel_grads()
             self.opt.step()
             sae.after_step()  # unit-norm decoder rows, θ floor
         with torch.no_grad():
-            self.since_fire = torch.where(fires > 0, 0, self.since_fire + x.shape[0])
             var = (t - self.target_mean).pow(2).sum(1).mean()
-            vals = torch.stack([loss.detach(), mse.detach(), l0.detach(), var]).tolist()
+            stats, rows = torch.stack([loss.detach(), mse.detach(), l0.detach(), var]), x.shape[0]
+            if self.sync is not None:  # global-batch values, so every rank steers λ and θ alike
+                stats, fires, rows = self.sync.stats(stats, fires, rows)
+            self.since_fire = torch.where(fires > 0, 0, self.since_fire + rows)
+            vals = stats.tolist()
         for i, v in enumerate(vals):  # one device sync per SAE per step (the controller needs L0)
             self.window[i] += v
         self.window[4] += 1
         if self.ctl is not None:
             self.ctl.update(vals[2])
+            self._steer_thresholds(vals[2])
+
+    def _steer_thresholds(self, l0: float) -> None:
+        """Target-L0 mode, JumpReLU family: scale every θ by one factor towards L0* (see config)."""
+        theta = getattr(self.sae, "threshold", None)
+        gain = self.cfg.l0_theta_gain
+        if not isinstance(theta, nn.Parameter) or gain <= 0 or self.ctl is None:
+            return
+        err = math.log(max(l0, 1e-3) / self.ctl.target)  # > 0: too dense → raise θ
+        with torch.no_grad():
+            theta.mul_(math.exp(gain * max(-1.0, min(1.0, err))))
 
     def _fast_grads(self, x: Tensor, lam: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The sparse-aware kernel: autograd's gradients, written into ``.grad``, with W_dec's
@@ -339,13 +371,16 @@ def train_suite(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    sync: StepSync | None = None,
 ) -> list[Path]:
     """Train every SAE of ``specs`` in one pass over ``data``; return their saved folders.
 
     Writes ``<out>/<sae>/`` (``save_sae``: folded weights + config with training summary) and
     ``<out>/<sae>/train_log.jsonl``. Raises ``TrainingInterrupted`` after checkpointing when a
     SIGINT/SIGTERM arrives or ``cfg.max_steps`` is reached; ``resume=True`` continues from there and
-    ends with exactly the weights of an uninterrupted run.
+    ends with exactly the weights of an uninterrupted run. ``sync`` joins ranks that train the
+    same SAEs on their own rows of each batch (``lmscope.distributed``); ``data`` still yields
+    the global batch.
     """
     specs = list(specs)
     check_unique(specs)
@@ -375,6 +410,8 @@ def train_suite(
             scales = [stats[site].scale(cfg.normalise) for site in (s.site, s.out_site or s.site)]
             runs.append(_Run(s, cfg, dims, scales))
             runs[-1].init_from_data(stats)
+    for r in runs:
+        r.sync = sync
     logs = {r.spec.folder: out / r.spec.folder / "train_log.jsonl" for r in runs}
     for p in logs.values():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -422,8 +459,9 @@ def train_suite(
                 if missing := [s for s in sites if s not in raw]:
                     raise ConfigError(f"batch {step} lacks sites {missing}; it has {sorted(raw)}")
                 batch = {s: raw[s].to(cfg.device, dtype) for s in sites}  # once, not per SAE
+                local = batch if sync is None else sync.batch(batch)  # data-parallel: our rows
                 for r in runs:
-                    r.train_step(batch, step)
+                    r.train_step(local, step)
                 rows = batch[sites[0]].shape[0]
                 step, tokens = step + 1, tokens + rows
                 bar.update(rows)
