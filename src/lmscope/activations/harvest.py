@@ -10,6 +10,7 @@ blocks it already holds (`StoreWriter.blocks_done`) and feeding the rest: same s
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import warnings
@@ -127,12 +128,15 @@ def harvest(
     loaded: LoadedModel | None = None,
     progress: bool = True,
     max_blocks: int | None = None,
+    block_range: tuple[int, int] | None = None,
 ) -> ActivationStore:
     """Harvest `cfg.tokens` tokens of every site in `cfg.sites` into the store at `out`.
 
     An existing store at `out` is resumed (unless `resume=False`): it must have been written with the
     same model, sites, dtype and corpus settings. `max_blocks` stops after that many new blocks
-    without completing the store (tests use it to interrupt a harvest).
+    without completing the store (tests use it to interrupt a harvest). `block_range=(i, j)`
+    harvests only blocks i..j-1 of the run, numbering sequences as the whole run does: one rank's
+    part of a distributed harvest (`lmscope.distributed.harvest_parts` merges the parts).
 
     >>> store = harvest(HarvestConfig(sites="L6.resid_post", tokens=10_000), "runs/acts")
     """
@@ -142,18 +146,21 @@ def harvest(
     model = SiteModel(loaded)
     sites = parse_sites(cfg.sites, model.n_layers)
     names = [str(s) for s in sites]
+    first, stop = block_range or (0, None)
     writer = StoreWriter(
         out,
         sites={str(s): model.site_dim(s) for s in sites},
         model_name=loaded.name,
         dtype=cfg.dtype,
         shard_rows=cfg.shard_rows,
-        meta=_store_meta(cfg),
+        meta=_store_meta(cfg) | ({"blocks": list(block_range)} if block_range else {}),
         resume=resume,
         checksum="crc32",  # ~3x cheaper than sha256, and every cycle here is the model's
+        sequence_offset=first * cfg.batch_size,
     )
     if writer.complete:
         return ActivationStore(out)
+    todo = None if stop is None else max(stop - first - writer.blocks_done, 0)
     batches = TokenBatches(
         cfg.corpus,
         loaded.tokenizer,
@@ -162,7 +169,7 @@ def harvest(
         split=cfg.split,
         seed=cfg.seed,
         max_tokens=cfg.tokens,
-        skip=writer.blocks_done * cfg.batch_size,
+        skip=(first + writer.blocks_done) * cfg.batch_size,
     )
     bar = tqdm(
         total=cfg.tokens,
@@ -175,7 +182,7 @@ def harvest(
     background = _BackgroundWriter(writer)
     done = 0
     try:
-        for block in _blocks(batches, cfg.tokens):
+        for block in itertools.islice(_blocks(batches, cfg.tokens), todo):
             if max_blocks is not None and done >= max_blocks:
                 break
             acts = read_sites(model, block.input_ids.to(loaded.device), names)
@@ -189,6 +196,8 @@ def harvest(
         return ActivationStore(out)
     writer.close()
     store = ActivationStore(out)
+    if block_range is not None:  # a part: the merged store is checked as a whole
+        return store
     if store.rows < cfg.tokens:
         warnings.warn(
             f"the corpus {cfg.corpus!r} ({cfg.split} split) ran out after {store.rows:,} tokens "

@@ -210,11 +210,15 @@ class _Files:
             raise StoreError(f"{where} is unreadable: {e}") from None
         return out
 
-    def _read_range(self, shards: list[Shard], size: int, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a stream of `size`-row shards (only the last may be shorter)."""
+    def _read_range(self, shards: list[Shard], start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a stream of shards. Sizes come from the manifest: a store merged
+        from the parts of a distributed harvest has a short last shard in every part."""
+        at = np.cumsum([0, *(sh["rows"] for sh in shards)]).tolist()
         parts = [np.empty(0, np.int64)]
-        for i in range(start // size, -(-stop // size) if stop > start else 0):
-            parts.append(self._read(shards[i])[max(start - i * size, 0) : stop - i * size])
+        for i in range(max(int(np.searchsorted(at, start, side="right")) - 1, 0), len(shards)):
+            if at[i] >= stop:
+                break
+            parts.append(self._read(shards[i])[max(start - at[i], 0) : stop - at[i]])
         return np.concatenate(parts[1:] or parts)
 
 
@@ -239,6 +243,7 @@ class StoreWriter(_Files):
         meta: Mapping[str, Any] | None = None,
         resume: bool = False,
         checksum: str = "sha256",
+        sequence_offset: int = 0,
     ) -> None:
         super().__init__(url)
         if checksum not in CHECKSUMS:
@@ -252,6 +257,9 @@ class StoreWriter(_Files):
         self.sites = {s: int(d) for s, d in sites.items()}
         self.model_name, self.dtype, self.shard_rows = model_name, dtype, shard_rows
         self.checksum = checksum
+        # Index of this writer's first sequence in the whole store: a part of a distributed
+        # harvest numbers its rows' sequences as the merged store will (lmscope.distributed).
+        self.sequence_offset = sequence_offset
         self.meta = json.loads(json.dumps(dict(meta or {})))  # fails early if not JSON
         m = self._read_manifest()
         if m is not None and not resume:
@@ -270,7 +278,7 @@ class StoreWriter(_Files):
         self._skip_rows = m["rows"] - at["rows"]
         self._skip_seqs = m[SEQUENCES]["rows"] - at["sequences"]
         # Stored rows past the resume point: the blocks fed again must reproduce their tokens.
-        self._expect = self._read_range(m[TOKENS]["shards"], shard_rows, at["rows"], m["rows"])
+        self._expect = self._read_range(m[TOKENS]["shards"], at["rows"], m["rows"])
         self._filling: dict[str, _ShardFile] = {}  # stream → its shard being written
 
     @property
@@ -346,7 +354,7 @@ class StoreWriter(_Files):
             seq["shard_rows"] = max(1, self.shard_rows // ids.shape[1])
         n_blocks, n_rows, n_seqs = self._fed
         b, t = np.nonzero(keep)
-        rows = {TOKENS: np.stack([ids[b, t], b + n_seqs, t], 1)}
+        rows = {TOKENS: np.stack([ids[b, t], b + n_seqs + self.sequence_offset, t], 1)}
         for s, x in acts.items():  # all checked before anything is written
             a = _to_numpy(x, self.dtype)
             a = a[keep] if a.shape[:2] == keep.shape and a.ndim == 3 else a
@@ -499,13 +507,11 @@ class ActivationStore(_Files):
         shards, (start, stop) = self._site(site)["shards"], self._span(start, stop, self.rows)
         if start == stop:
             return torch.empty(0, self.d(site))
-        return _to_torch(self._read_range(shards, self._m["shard_rows"], start, stop), self.dtype)
+        return _to_torch(self._read_range(shards, start, stop), self.dtype)
 
     def _token_info(self, start: int, stop: int | None) -> torch.Tensor:
         shards, span = self._m[TOKENS]["shards"], self._span(start, stop, self.rows)
-        return torch.from_numpy(
-            self._read_range(shards, self._m["shard_rows"], *span).reshape(-1, 3)
-        )
+        return torch.from_numpy(self._read_range(shards, *span).reshape(-1, 3))
 
     def token_ids(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Token id of each row in [start, stop): int64 [n]."""
@@ -520,7 +526,7 @@ class ActivationStore(_Files):
         """Token sequences [start, stop) as fed (BOS, EOS, pad kept; -1 past a short block): [n, T]."""
         sec = self._m[SEQUENCES]
         span = self._span(start, stop, sec["rows"])
-        a = self._read_range(sec["shards"], sec["shard_rows"] or 1, *span)
+        a = self._read_range(sec["shards"], *span)
         return torch.from_numpy(a.reshape(-1, sec["seq_len"] or 0).astype(np.int64))
 
     def iter_batches(
