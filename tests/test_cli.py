@@ -13,7 +13,7 @@ import pytest
 from lmscope.cli import STAGE_CLIS, build_parser, main
 from lmscope.sae import load_sae
 
-CORE = ["harvest", "train", "export", "import"]
+CORE = ["harvest", "train", "build", "export", "import"]
 # every stage module lists the commands it registers
 COMMANDS = CORE + [c for m in STAGE_CLIS for c in importlib.import_module(m).COMMANDS]
 

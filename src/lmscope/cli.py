@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lmscope.errors import LmscopeError
 
@@ -57,7 +58,8 @@ def _add_corpus_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_harvest(args: argparse.Namespace) -> int:
-    from lmscope.activations.harvest import HarvestConfig, harvest
+    from lmscope.activations.harvest import HarvestConfig
+    from lmscope.distributed import harvest_parts, session
 
     cfg = HarvestConfig(
         model=args.model,
@@ -73,8 +75,10 @@ def _cmd_harvest(args: argparse.Namespace) -> int:
         device=args.device,
         shard_rows=args.shard_rows,
     )
-    store = harvest(cfg, args.out, resume=not args.restart)
-    print(f"harvested {store.rows:,} tokens × {len(store.sites)} sites into {args.out}")
+    with session() as ranks:  # under torchrun the ranks split the blocks; else one process
+        store = harvest_parts(cfg, args.out, ranks, resume=not args.restart)
+    if ranks.leader:
+        print(f"harvested {store.rows:,} tokens × {len(store.sites)} sites into {args.out}")
     return 0
 
 
@@ -113,14 +117,23 @@ def _train_specs(args: argparse.Namespace, site_names: list[str], n_layers: int)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from lmscope.distributed import session
+
+    with session() as ranks:  # under torchrun the ranks split the suite's SAEs (or DDP one)
+        return _train(args, ranks)
+
+
+def _train(args: argparse.Namespace, ranks: Any) -> int:
     from dataclasses import replace
 
     from lmscope.activations.store import ActivationStore
     from lmscope.activations.stream import stream_batches
+    from lmscope.distributed import publish_suite, train_parts
+    from lmscope.distributed.remote import work_dir_for
     from lmscope.errors import ConfigError
     from lmscope.model import SiteModel, load_model, parse_sites
     from lmscope.suite import record_training
-    from lmscope.train import TrainConfig, load_suite, store_data, train_suite
+    from lmscope.train import DataFactory, TrainConfig, load_suite, store_data
 
     specs, cfg = load_suite(args.config) if args.config else ([], TrainConfig())
     overrides = {
@@ -142,7 +155,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         n_layers = 1 + max(s.layer for s in parse_sites(store.sites, 1 << 30))
         available = store.sites
     else:
-        loaded = load_model(args.stream_model, device=args.device, dtype=args.model_dtype)
+        device = ranks.device(args.device)  # one GPU per rank under torchrun
+        loaded = load_model(args.stream_model, device=device, dtype=args.model_dtype)
         n_layers = SiteModel(loaded).n_layers
         available = [str(s) for s in parse_sites("all.*", n_layers)]
     if not specs:
@@ -154,16 +168,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         model, corpus, seq_len, model_dtype = args.stream_model, args.corpus, args.seq_len, args.model_dtype  # fmt: skip
     specs = [s if s.model else replace(s, model=model) for s in specs]
-    sites = sorted({site for s in specs for site in s.sites})
-    if args.store is not None:
-        data = store_data(store, sites, cfg.batch_size, seed=cfg.seed)
-    else:
-        data = stream_batches(loaded, sites, cfg.batch_size, corpus=args.corpus,
+
+    def data_for(sites: list[str]) -> DataFactory:  # each rank reads only its SAEs' sites
+        if args.store is not None:
+            return store_data(store, sites, cfg.batch_size, seed=cfg.seed)
+        return stream_batches(loaded, sites, cfg.batch_size, corpus=args.corpus,
                               seq_len=args.seq_len, seed=cfg.seed)  # fmt: skip
-    folders = train_suite(specs, data, cfg, args.out, resume=args.resume)
-    record_training(args.out, folders, model=model, corpus=corpus, seq_len=seq_len, model_dtype=model_dtype)  # fmt: skip
+
+    out = work_dir_for(args.out, args.work_dir)  # a remote suite trains locally, then publishes
+    folders = train_parts(specs, data_for, cfg, out, ranks, resume=args.resume,
+                          ranks_per_sae=args.ranks_per_sae)  # fmt: skip
+    if not ranks.leader:
+        return 0
+    record_training(out, folders, model=model, corpus=corpus, seq_len=seq_len, model_dtype=model_dtype)  # fmt: skip
+    if str(out) != args.out:
+        publish_suite(out, args.out)
+        print(f"published the suite in {out} to {args.out}")
     for f in folders:
         print(f)
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from lmscope.build import build
+
+    suite = build(args.config, args.out)
+    if args.serve:  # the same as running `lmscope serve SUITE --port PORT` next
+        served = build_parser().parse_args(["serve", str(suite.path), "--port", str(args.port)])
+        return int(served.func(served))
     return 0
 
 
@@ -292,8 +324,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-fast", action="store_true", help="plain autograd instead of the sparse kernel"
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--out", required=True, help="suite folder to write the SAEs into")
+    p.add_argument("--out", required=True,
+                   help="suite folder, or an fsspec URL (s3://, gs://) to publish it to")  # fmt: skip
+    p.add_argument("--work-dir", default=None,
+                   help="local folder to train in when --out is a URL (default: under the cache)")  # fmt: skip
+    p.add_argument("--ranks-per-sae", type=int, default=None,
+                   help="under torchrun: ranks training each SAE data-parallel (default: 1, or "
+                   "enough that no rank is idle)")  # fmt: skip
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("build", help="harvest, train, eval, interpret and report a whole suite",
+                       description="Run harvest → train → eval → interpret → report as one "
+                       "resumable job (rerun the same command after a crash or Ctrl-C to continue). "
+                       "Presets: quick (the README's main job, ~20 min on 2 CPU cores), standard, "
+                       "gemma-scope; or a TOML config (see docs/build.md).")  # fmt: skip
+    p.add_argument("config", help="preset name (quick, standard, gemma-scope) or a TOML file")
+    p.add_argument("--out", required=True, help="suite folder to build (or resume)")
+    p.add_argument("--serve", action="store_true", help="serve the suite when the build is done")
+    p.add_argument("--port", type=int, default=8000, help="port for --serve (default: %(default)s)")
+    p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("export", help="write an SAE in another format",
                        description="Write a native lmscope SAE folder as SAELens or Gemma Scope files.")  # fmt: skip

@@ -1,0 +1,262 @@
+"""`lmscope build`: harvest → train → eval → interpret → report as one resumable job.
+
+A build config (TOML; presets in ``lmscope/presets/``) names everything::
+
+    [model]      name, device, dtype
+    [data]       corpus, seq_len, seed
+    [harvest]    tokens (0: no store, training streams from the model), batch_size, dtype, shard_rows
+    [train]      any TrainConfig field (lmscope.train.config)
+    [[sae]]      SAE groups as in `lmscope train --config` ("layers = 'all'" means every layer)
+    [eval]       tokens, batch_size
+    [interpret]  tokens, batch_size, k, window
+
+The suite folder holds ``build.json``: the config the build started with and the stages finished.
+A rerun skips finished stages and resumes the one it was in (the harvest at its last committed
+block, training at its last checkpoint, eval at the first SAE without an ``eval.json``); so a build
+killed anywhere ends with the same suite as one never killed. A rerun with a different config is
+refused, naming the first differing key.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lmscope.errors import ConfigError
+from lmscope.suite import MANIFEST, Suite, record_training, write_json_atomic
+
+STAGES = ("harvest", "train", "eval", "interpret", "report")
+PRESETS = ("quick", "standard", "gemma-scope")
+STATE = "build.json"
+_TABLES = {
+    "model": {"name", "device", "dtype"},
+    "data": {"corpus", "seq_len", "seed"},
+    "harvest": {"tokens", "batch_size", "dtype", "shard_rows"},
+    "eval": {"tokens", "batch_size"},
+    "interpret": {"tokens", "batch_size", "k", "window"},
+}
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"name": "gemma-3-270m", "device": None, "dtype": "float32"},
+    "data": {"corpus": "default", "seq_len": 128, "seed": 0},
+    "harvest": {"tokens": 100_000, "batch_size": 8, "dtype": "float32", "shard_rows": 8192},
+    "eval": {"tokens": 4096, "batch_size": 8},
+    "interpret": {"tokens": 50_000, "batch_size": 8, "k": 20, "window": 8},
+}
+
+
+@dataclass
+class BuildConfig:
+    """A parsed build config: the tables above with defaults filled in."""
+
+    raw: dict[str, Any]
+
+    def __getitem__(self, table: str) -> dict[str, Any]:
+        return dict(self.raw.get(table, {}))
+
+
+def read_config(config_or_preset: str) -> BuildConfig:
+    """A preset name (quick, standard, gemma-scope) or a TOML file → a checked BuildConfig."""
+    if config_or_preset in PRESETS:
+        text = resources.files("lmscope.presets").joinpath(f"{config_or_preset}.toml").read_text()
+        where = f"preset {config_or_preset!r}"
+    else:
+        p = Path(config_or_preset)
+        if not p.is_file():
+            raise ConfigError(f"{config_or_preset!r} is neither a preset ({', '.join(PRESETS)}) nor a TOML file")  # fmt: skip
+        text, where = p.read_text(), str(p)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where} is not valid TOML: {e}") from e
+    return parse_config(raw, where)
+
+
+def parse_config(raw: dict[str, Any], where: str = "the build config") -> BuildConfig:
+    unknown = sorted(set(raw) - set(_TABLES) - {"train", "sae"})
+    if unknown:
+        raise ConfigError(f"unknown tables {unknown} in {where}; valid: {', '.join([*_TABLES, 'train', 'sae'])}")  # fmt: skip
+    out: dict[str, Any] = {}
+    for table, keys in _TABLES.items():
+        bad = sorted(set(raw.get(table, {})) - keys)
+        if bad:
+            raise ConfigError(f"unknown [{table}] keys {bad} in {where}; valid: {', '.join(sorted(keys))}")  # fmt: skip
+        out[table] = {**_DEFAULTS[table], **raw.get(table, {})}
+    if not raw.get("sae"):
+        raise ConfigError(f"{where} has no [[sae]] groups: nothing to train")
+    out["train"], out["sae"] = dict(raw.get("train", {})), copy.deepcopy(raw["sae"])
+    from lmscope.train import TrainConfig
+
+    TrainConfig.from_dict(out["train"])  # unknown keys fail now, not after the harvest
+    return BuildConfig(out)
+
+
+def sae_specs(cfg: BuildConfig, n_layers: int) -> list[Any]:
+    """The suite's SAESpecs, with ``layers = "all"`` expanded to the model's depth."""
+    from lmscope.train import expand_group
+    from lmscope.train.config import check_unique
+
+    specs = []
+    for group in cfg.raw["sae"]:
+        g = dict(group)
+        if g.get("layers") == "all":
+            g["layers"] = f"0-{n_layers - 1}"
+        g.setdefault("model", cfg["model"]["name"])
+        specs.extend(expand_group(g))
+    check_unique(specs)
+    return specs
+
+
+class _State:
+    """``build.json``: the config and the finished stages, rewritten atomically after each."""
+
+    def __init__(self, out: Path, cfg: BuildConfig):
+        self.path = out / STATE
+        if self.path.is_file():
+            import json
+
+            st = json.loads(self.path.read_text())
+            if st["config"] != cfg.raw:
+                key = _first_difference(st["config"], cfg.raw)
+                raise ConfigError(f"{out} was built with a different config ({key} differs); use another --out or the same config")  # fmt: skip
+            self.state = st
+        else:
+            if (out / MANIFEST).is_file():
+                raise ConfigError(f"{out} is a suite not made by `lmscope build`; use another --out")  # fmt: skip
+            out.mkdir(parents=True, exist_ok=True)
+            self.state = {"config": cfg.raw, "done": [], "seconds": {}, "stage": None}
+            self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.state)
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state["done"]
+
+    def start(self, stage: str) -> None:
+        self.state["stage"] = stage
+        self.save()
+
+    def finish(self, stage: str, seconds: float) -> None:
+        self.state["done"].append(stage)
+        self.state["seconds"][stage] = self.state["seconds"].get(stage, 0.0) + seconds
+        self.state["stage"] = None
+        self.save()
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+    return path or "the config"
+
+
+def build(config: str | BuildConfig, out: str | Path, *, progress: bool = True) -> Suite:
+    """Run (or resume) every stage of a build into the suite folder ``out``; return the suite."""
+    cfg = read_config(config) if isinstance(config, str) else config
+    root = Path(out)
+    state = _State(root, cfg)
+    m = cfg["model"]
+    from lmscope.model import SiteModel, load_model
+
+    t_start = time.perf_counter()
+    todo = [s for s in STAGES if not state.done(s)]
+    if not todo:
+        _say(progress, f"build at {root} is complete; nothing to do")
+        return Suite.open(root)
+    loaded = load_model(m["name"], device=m["device"], dtype=m["dtype"])
+    specs = sae_specs(cfg, SiteModel(loaded).n_layers)
+    for i, stage in enumerate(STAGES, 1):
+        if state.done(stage):
+            continue
+        elapsed = time.perf_counter() - t_start
+        _say(progress, f"[{i}/{len(STAGES)}] {stage} (build running {elapsed / 60:.1f} min)")
+        state.start(stage)
+        t0 = time.perf_counter()
+        _STAGE_FNS[stage](cfg, root, loaded, specs, progress)
+        state.finish(stage, time.perf_counter() - t0)
+    total = sum(state.state["seconds"].values())
+    _say(progress, f"build complete: {root} ({total / 60:.1f} min of stage time); browse it with `lmscope serve {root}`")  # fmt: skip
+    return Suite.open(root)
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"lmscope build: {msg}", flush=True)
+
+
+def _harvest(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress: bool) -> None:
+    from lmscope.activations.harvest import HarvestConfig, harvest
+
+    h, d, m = cfg["harvest"], cfg["data"], cfg["model"]
+    if h["tokens"] == 0:
+        _say(progress, "no store ([harvest] tokens = 0): training streams from the model")
+        return
+    sites = ",".join(sorted({site for s in specs for site in s.sites}))
+    hc = HarvestConfig(model=m["name"], sites=sites, corpus=d["corpus"], tokens=h["tokens"],
+                       seq_len=d["seq_len"], batch_size=h["batch_size"], split="train",
+                       seed=d["seed"], dtype=h["dtype"], model_dtype=m["dtype"],
+                       shard_rows=h["shard_rows"])  # fmt: skip
+    harvest(hc, str(root / "store"), resume=True, loaded=loaded, progress=progress)
+
+
+def _train(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress: bool) -> None:
+    from dataclasses import replace
+
+    from lmscope.activations.store import ActivationStore
+    from lmscope.activations.stream import stream_batches
+    from lmscope.train import TrainConfig, store_data, train_suite
+
+    tc = replace(TrainConfig.from_dict(cfg["train"]), progress=progress)
+    sites = sorted({site for s in specs for site in s.sites})
+    d, m = cfg["data"], cfg["model"]
+    if cfg["harvest"]["tokens"] == 0:
+        data = stream_batches(loaded, sites, tc.batch_size, corpus=d["corpus"],
+                              seq_len=d["seq_len"], seed=tc.seed)  # fmt: skip
+    else:
+        data = store_data(ActivationStore(str(root / "store")), sites, tc.batch_size, seed=tc.seed)
+    folders = train_suite(specs, data, tc, root, resume=True)
+    record_training(root, folders, model=m["name"], corpus=d["corpus"], seq_len=d["seq_len"],
+                    model_dtype=m["dtype"])  # fmt: skip
+
+
+def _eval(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress: bool) -> None:
+    from lmscope.evals.evaluate import EvalConfig
+    from lmscope.evals.results import EVAL_FILE, evaluate_suite
+
+    suite = Suite.open(root)
+    e = cfg["eval"]
+    ec = EvalConfig(tokens=e["tokens"], batch_size=e["batch_size"], seed=cfg["data"]["seed"])
+    # every eval.json is written once the shared pass ends; a rerun evaluates the SAEs without one
+    todo = [n for n in suite.names if not (root / n / EVAL_FILE).is_file()]
+    if todo:
+        evaluate_suite(suite, ec, names=todo, loaded=loaded)
+
+
+def _interpret(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress: bool) -> None:
+    from lmscope.interp.features import StatsConfig
+    from lmscope.interp.pipeline import InterpretConfig, interpret
+
+    i = cfg["interpret"]
+    ic = InterpretConfig(tokens=i["tokens"], batch_size=i["batch_size"], seed=cfg["data"]["seed"],
+                         stats=StatsConfig(k=i["k"], window=i["window"]))  # fmt: skip
+    interpret(Suite.open(root), ic, loaded=loaded, progress=progress)
+
+
+def _report(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress: bool) -> None:
+    from lmscope.evals.report import write_report
+
+    write_report(Suite.open(root))
+
+
+_STAGE_FNS = {"harvest": _harvest, "train": _train, "eval": _eval, "interpret": _interpret,
+              "report": _report}  # fmt: skip
