@@ -27,3 +27,7 @@ class SAEError(LmscopeError):
 
 class ConfigError(LmscopeError):
     """A run or suite configuration is invalid."""
+
+
+class InterventionError(LmscopeError):
+    """An intervention or attribution request names a latent, site or target that does not exist."""

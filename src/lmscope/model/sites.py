@@ -213,6 +213,65 @@ class SiteModel:
         stops after the last layer read (or `stop_after_layer`). Gradients follow torch's mode: wrap
         the call in `torch.no_grad()` or `torch.inference_mode()` when none are needed.
         """
+        inputs = {"input_ids": input_ids.to(self.loaded.device)}
+        return self._run(inputs, attention_mask, read, replace, stop_after_layer, return_logits)
+
+    def run_from(
+        self,
+        layer: int,
+        resid_pre: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        read: Iterable[str | Site] = (),
+        replace: Mapping[str | Site, ReplaceFn] | None = None,
+        return_logits: bool = True,
+    ) -> RunResult:
+        """`run` from `layer` on, given that layer's input `resid_pre` [B, T, d] (for `layer ==
+        n_layers`, the last resid_post): the layers below are skipped, not computed.
+
+        Masks, positions and rotary embeddings come from the model's own forward as usual, so with
+        `resid_pre` cached from a clean `run` this equals `run` on the same ids to rounding. Reads
+        and replacements must be at layers >= `layer`.
+
+        >>> pre = model.run(ids, read=["L6.resid_pre"], return_logits=False).acts["L6.resid_pre"]
+        >>> logits = model.run_from(6, pre, replace={"L6.resid_post": sae}).logits
+        """
+        if not 0 <= layer <= self.n_layers:
+            raise SiteError(f"run_from layer {layer} is out of range; valid: 0-{self.n_layers}")
+        early = [str(s) for s in [*read, *(replace or {})] if self.site(s).layer < layer]
+        if early:
+            raise SiteError(f"sites {', '.join(early)} come before run_from layer {layer}")
+        resid = resid_pre.to(self.loaded.device, self.loaded.dtype)
+        # The model still runs whole, so that it builds masks and positions itself, but the layers
+        # below `layer` pass their input through and the first module after them sees `resid`.
+        skipped = list(self.layers[:layer])
+        first = self.layers[layer] if layer < self.n_layers else self.final_norm
+        saved = [m.__dict__.get("forward") for m in skipped]
+        handle = first.register_forward_pre_hook(
+            lambda _m, args, kwargs: _with_first(args, kwargs, resid), with_kwargs=True, prepend=True
+        )
+        try:
+            for m in skipped:
+                m.forward = _passthrough
+            inputs = {"inputs_embeds": resid}
+            return self._run(inputs, attention_mask, read, replace, None, return_logits)
+        finally:
+            handle.remove()
+            for m, fwd in zip(skipped, saved):
+                if fwd is None:
+                    del m.forward
+                else:
+                    m.forward = fwd
+
+    def _run(
+        self,
+        inputs: dict[str, Tensor],
+        attention_mask: Tensor | None,
+        read: Iterable[str | Site],
+        replace: Mapping[str | Site, ReplaceFn] | None,
+        stop_after_layer: int | None,
+        return_logits: bool,
+    ) -> RunResult:
         reads = [self.site(s) for s in read]
         fns = {self.site(s): fn for s, fn in (replace or {}).items()}
         stop = self._stop_layer(reads, stop_after_layer, return_logits)
@@ -222,7 +281,7 @@ class SiteModel:
         handles = self._install(set(reads), fns, acts, stop)
         try:
             out = self.model(
-                input_ids=input_ids.to(self.loaded.device),
+                **inputs,
                 attention_mask=None
                 if attention_mask is None
                 else attention_mask.to(self.loaded.device),
@@ -234,6 +293,15 @@ class SiteModel:
             for handle in handles:
                 handle.remove()
         return RunResult(acts, out.logits if return_logits else None)
+
+    def add_hooks(
+        self, replace: Mapping[str | Site, ReplaceFn]
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        """Install `replace` functions that act on every later forward pass (HF `generate` too)
+        until the caller removes the returned handles; `lmscope.intervene` builds on this.
+        """
+        fns = {self.site(s): fn for s, fn in replace.items()}
+        return self._install(set(), fns, {}, None)
 
     def _stop_layer(
         self, reads: list[Site], stop_after_layer: int | None, return_logits: bool
@@ -350,6 +418,11 @@ def _checked(site: Site, old: Tensor, new: Tensor) -> Tensor:
             f"replacement for {site} has shape {tuple(new.shape)}; expected {tuple(old.shape)}"
         )
     return new.to(old.dtype)
+
+
+def _passthrough(*args: Any, **kwargs: Any) -> Tensor:
+    """A skipped decoder layer's forward: its input, unchanged (see `SiteModel.run_from`)."""
+    return _first(args, kwargs)
 
 
 def _first(args: tuple, kwargs: dict) -> Tensor:
