@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything lmscope needs on a fresh Debian machine with Python 3.11:
-# the offline corpus (Debian packages), a .venv with torch and lmscope (editable, with dev tools).
+# the offline corpus and Chromium (Debian packages), a .venv with torch and lmscope (editable, with dev tools).
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in fortunes python3-doc; do
+# chromium: the browser tests of `lmscope serve` drive Debian's Chromium through Playwright.
+for pkg in fortunes python3-doc chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
