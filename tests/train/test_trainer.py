@@ -38,7 +38,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR:UserWarning")
 def quick(**kw: object) -> TrainConfig:
     base: dict[str, object] = dict(
         total_tokens=64 * 60, batch_size=64, lr=1e-3, norm_batches=4, log_every=10,
-        checkpoint_every=0, progress=False, fast=False,
+        checkpoint_every=0, progress=False, fast=False, fast_max_density=1.0,
     )  # fmt: skip
     # fast=False: at these tiny widths autograd beats the sparse kernel; the kernel has its own
     # equivalence test below and the resume test runs through it.
@@ -253,6 +253,7 @@ def test_fast_path_reuses_its_gradient_buffers_and_steps_with_fused_adam(
         pytest.skip("lmscope.train.kernels is not there yet")
     run = trainer_mod._Run(SAESpec(SITE, 64, target_l0=6), quick(fast=True), {SITE: 16}, [1.0, 1.0])
     assert run.fast and run.opt.param_groups[0]["fused"]
+    run.prev_l0 = 0.0  # take the kernel from the first step
     batches = tiny_data(0)
     ptrs = []
     for step in range(3):
@@ -376,7 +377,9 @@ def test_trains_from_an_activation_store(tmp_path: Path, tiny_data: SparseSites)
     assert load_sae(path).cfg.training["steps"] == 60
 
 
-def test_threshold_steering_reaches_target_l0_in_a_short_run(tmp_path: Path, sparse_sites: Any) -> None:
+def test_threshold_steering_reaches_target_l0_in_a_short_run(
+    tmp_path: Path, sparse_sites: Any
+) -> None:
     """Few steps and θ₀ far from the answer: acting on θ directly still lands on L0*."""
     data = sparse_sites({SITE: 32}, rows=16384, batch=256, n_feat=512, n_active=8)
     spec = SAESpec(SITE, width=256, target_l0=24)
@@ -385,3 +388,28 @@ def test_threshold_steering_reaches_target_l0_in_a_short_run(tmp_path: Path, spa
     sae = load_sae(path)
     assert abs(sae.cfg.training["l0"] / 24 - 1) < 0.10, sae.cfg.training
     assert abs(l0(sae, data.held_out(SITE)) / 24 - 1) < 0.15
+
+
+def test_dense_steps_take_the_autograd_path_and_sparse_steps_the_kernel(
+    tiny_data: SparseSites, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel is slower than autograd when many latents fire: it waits for L0 ≤ density·W."""
+    kernels = trainer_mod._kernels
+    if kernels is None:
+        pytest.skip("lmscope.train.kernels is not there yet")
+    calls: list[int] = []
+    real = kernels.jumprelu_step_grads
+    monkeypatch.setattr(
+        kernels, "jumprelu_step_grads", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    run = trainer_mod._Run(SAESpec(SITE, 64, target_l0=6), quick(fast=True, fast_max_density=0.25),
+                           {SITE: 16}, [1.0, 1.0])  # fmt: skip
+    batches = tiny_data(0)
+    run.train_step(next(batches), 0)  # no L0 measured yet: autograd
+    assert calls == []
+    run.prev_l0 = 40.0  # > 0.25 × 64
+    run.train_step(next(batches), 1)
+    assert calls == []
+    run.prev_l0 = 10.0
+    run.train_step(next(batches), 2)
+    assert calls == [1]

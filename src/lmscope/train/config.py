@@ -154,6 +154,7 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     fast: bool = True  # JumpReLU: sparse-aware kernel when lmscope.train.kernels is available
+    fast_max_density: float = 1 / 32  # ...used while the last step's L0 ≤ this × width
     # Normalisation: "centred" divides by sqrt(E‖x − μ‖²) (see trainer._calibrate for why);
     # "second_moment" is Gemma Scope's sqrt(E‖x‖²).
     normalise: str = "centred"

@@ -158,6 +158,11 @@ class _Run:
         self.opt = torch.optim.Adam(params, lr=self.lr, betas=cfg.adam_betas, fused=fused or None)
         self.topk = spec.architecture in ("topk", "batchtopk")
         self.fast = cfg.fast and _kernels is not None and spec.architecture == "jumprelu"
+        # The sparse kernel pays only when few latents fire: with half of them active (θ₀ far
+        # below the data's scale, early steps) it was 20× slower than autograd at W = 1024. So it
+        # runs once the previous step's L0 is at most cfg.fast_max_density·W; that L0 is
+        # checkpointed, so a resumed run takes the same path at every step.
+        self.prev_l0 = math.inf
         self.grads: _kernels.StepOut | None = None  # the kernel's last output: buffers to reuse
         self.sync: StepSync | None = None  # other ranks training this SAE on other rows, if any
         self.ctl: L0Controller | None = None
@@ -209,7 +214,7 @@ class _Run:
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(step)
         self.opt.zero_grad(set_to_none=True)
-        if self.fast:
+        if self.fast and self.prev_l0 <= cfg.fast_max_density * sae.cfg.d_sae:
             loss, mse, l0, fires = self._fast_grads(x, lam)
             if self.sync is not None:
                 self.sync.grads(list(sae.parameters()))
@@ -245,6 +250,7 @@ class _Run:
         for i, v in enumerate(vals):  # one device sync per SAE per step (the controller needs L0)
             self.window[i] += v
         self.window[4] += 1
+        self.prev_l0 = vals[2]
         if self.ctl is not None:
             self.ctl.update(vals[2])
             self._steer_thresholds(vals[2])
@@ -309,6 +315,7 @@ class _Run:
             "controller": self.ctl.state() if self.ctl else None,
             "window": self.window,
             "last": self.last,
+            "prev_l0": self.prev_l0,
         }
         return tensors, scalars
 
@@ -323,6 +330,7 @@ class _Run:
         if scalars["controller"] is not None:
             self.ctl = L0Controller.from_state(scalars["controller"])
         self.window, self.last = list(scalars["window"]), dict(scalars["last"])
+        self.prev_l0 = float(scalars.get("prev_l0", math.inf))
 
     def final(self, steps: int, tokens: int) -> SAE:
         """The inference SAE: C folded in, training summary in its config."""
