@@ -1,16 +1,59 @@
-"""Command-line entry points of this stage (registered by ``lmscope.cli``)."""
+"""Command-line entry points of this stage (registered by ``lmscope.cli``): `lmscope interpret`."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-COMMANDS: tuple[str, ...] = ()  # the subcommands register() adds
+COMMANDS: tuple[str, ...] = ("interpret",)  # the subcommands register() adds
+
+
+def _cmd_interpret(args: argparse.Namespace) -> int:
+    from lmscope.interp.features import StatsConfig
+    from lmscope.interp.pipeline import InterpretConfig, interpret
+    from lmscope.interp.query import counts
+    from lmscope.suite import Suite
+
+    stats = StatsConfig(k=args.k, window=args.window, bands=args.bands, per_band=args.per_band)
+    cfg = InterpretConfig(tokens=args.tokens, batch_size=args.batch_size, split=args.split,
+                          seed=args.seed, stats=stats, device=args.device)  # fmt: skip
+    suite = Suite.open(args.suite)
+    saes = [s for s in args.saes.split(",") if s.strip()] if args.saes else None
+    path = interpret(suite, cfg, saes=saes)
+    print(f"wrote {path}")
+    for name in saes or suite.names:
+        c = counts(suite, name)
+        print(f"  {suite.resolve(name)}: {c['n']} latents, {c['dead']} dead, {c['dense']} dense")
+    return 0
 
 
 def register(sub: Any) -> None:
-    """Add this stage's subcommands to the `lmscope` parser (none yet)."""
-    del sub
+    """Add `interpret` to the `lmscope` parser."""
+    p = sub.add_parser(
+        "interpret",
+        help="record top contexts, densities and logit lenses of every latent of a suite",
+        description="One streaming pass over --tokens tokens of the suite's corpus (one model "
+        "forward per batch serves every SAE) records per latent its top-k contexts, samples from "
+        "activation bands, density and histogram; then its logit lens and nearest latents (within "
+        "the SAE and one layer up and down). Writes SUITE/features.db (replaced whole at the end).",
+    )
+    p.add_argument("suite", help="suite folder (made by `lmscope train`)")
+    p.add_argument("--tokens", type=int, default=50_000,
+                   help="tokens to read, BOS/EOS/pad excluded (default: %(default)s)")  # fmt: skip
+    p.add_argument("--saes", help="comma-separated SAE names or sites (default: every SAE)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sequences per forward pass (default: %(default)s)")  # fmt: skip
+    p.add_argument("--split", default="all", choices=["train", "eval", "all"],
+                   help="corpus split (default: %(default)s)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="shuffling and sampling seed (default: %(default)s)")  # fmt: skip
+    p.add_argument("--k", type=int, default=20, help="top contexts per latent (default: %(default)s)")  # fmt: skip
+    p.add_argument("--window", type=int, default=8,
+                   help="context tokens on each side of an example (default: %(default)s)")  # fmt: skip
+    p.add_argument("--bands", type=int, default=4,
+                   help="activation bands, each half the one above (default: %(default)s)")  # fmt: skip
+    p.add_argument("--per-band", type=int, default=5, help="samples per band (default: %(default)s)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.set_defaults(func=_cmd_interpret)
 
 
-__all__ = ["argparse", "register"]
+__all__ = ["COMMANDS", "register"]

@@ -1,0 +1,98 @@
+"""What a latent's decoder direction does: its logit lens, and the latents whose directions it matches.
+
+Logit lens. A decoder row `v` is a direction in the site's space; mapped into the residual stream
+(identity for residual-basis sites, through `o_proj` for `attn_z`), it reaches the logits through the
+final norm and the unembedding. RMSNorm (Gemma, Llama) computes `x / rms(x) · g` (Gemma's `g` is
+`1 + weight`): dividing by `rms(x)` scales every logit alike, so the ranking of tokens that adding
+`v` raises or lowers is that of `(v ⊙ g) @ W_U`, and that is what is stored (the first-order effect
+of adding `v` to a residual stream of RMS 1, ignoring the small change of `rms(x)` itself). `g` is
+read by running the norm on a vector of ones (`rms = 1`), so every RMSNorm variant gives its own
+gain. LayerNorm (GPT-2) also removes the mean: `((v − mean v) ⊙ w) @ W_U`; its bias shifts all
+latents alike and is left out. Gemma 2's final soft-cap is monotonic and is left out too. `mlp_in`
+latents live after a norm, not in the residual stream: they get no logit lens.
+
+Neighbours: cosine similarity of decoder rows, within an SAE and to the SAEs of the same site kind one
+layer up and down (how a feature evolves through depth). All in chunks of latents, so the
+`[d_sae, vocab]` and `[d_sae, d_sae]` products never exist whole.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from lmscope.model import SiteModel
+
+RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+CHUNK = 128
+
+
+def norm_gain(norm: nn.Module, d: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The per-dimension gain of an RMSNorm-style module: its output on a vector of RMS 1."""
+    with torch.no_grad():
+        return cast(Tensor, norm(torch.ones(1, d, device=device, dtype=dtype)))[0].float()
+
+
+def residual_directions(model: SiteModel, kind: str, layer: int, w_dec: Tensor) -> Tensor | None:
+    """Decoder rows [d_sae, d_site] as directions in the residual stream, or None for `mlp_in`."""
+    if kind in RESIDUAL_KINDS:
+        return w_dec
+    if kind != "attn_z":
+        return None
+    block = model.layers[layer]
+    o_proj = block.get_submodule(model.adapter.o_proj)
+    weight = cast(Tensor, o_proj.weight).float()
+    # nn.Linear stores [out, in], GPT-2's Conv1D [in, out]; o_proj's bias moves no direction
+    out = w_dec.float() @ (weight if isinstance(o_proj, Conv1D) else weight.T)
+    attn_out = block.get_submodule(model.adapter.attn_out)
+    if type(attn_out).__name__.endswith("RMSNorm"):  # Gemma: attn_out = post_attention_norm(o_proj)
+        out = out * norm_gain(attn_out, out.shape[1], out.device, out.dtype)
+    return out
+
+
+def lens_matrix(model: SiteModel, directions: Tensor) -> Tensor:
+    """Directions [n, d_model] → what multiplies W_U: `v ⊙ g` (RMSNorm) or `(v − mean v) ⊙ w` (LayerNorm)."""
+    norm = model.final_norm
+    if isinstance(norm, nn.LayerNorm):
+        centred = directions - directions.mean(dim=1, keepdim=True)
+        return centred * norm.weight.detach().float() if norm.weight is not None else centred
+    return directions * norm_gain(norm, directions.shape[1], directions.device, directions.dtype)
+
+
+@torch.no_grad()
+def logit_lens(model: SiteModel, directions: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(up values, up token ids, down values, down token ids), each [d_sae, n]: the tokens whose
+    logits each direction raises most (values descending) and lowers most (values ascending)."""
+    w_u = model.unembedding.detach().float()
+    n = min(n, w_u.shape[1])
+    parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    for start in range(0, len(directions), CHUNK):
+        logits = lens_matrix(model, directions[start : start + CHUNK].to(w_u.device)) @ w_u
+        up = logits.topk(n, dim=1)
+        down = logits.topk(n, dim=1, largest=False)
+        parts.append((up.values, up.indices, down.values, down.indices))
+    up_v, up_i, down_v, down_i = (torch.cat(column) for column in zip(*parts))
+    return up_v, up_i, down_v, down_i
+
+
+@torch.no_grad()
+def nearest(w: Tensor, other: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
+    """(cosines, indices) [d_sae, n] of the rows of `other` closest to each row of `w` by cosine;
+    `other=None` searches `w` itself, leaving each row out of its own list."""
+    a = nn.functional.normalize(w.float(), dim=1)
+    b = a if other is None else nn.functional.normalize(other.float().to(a.device), dim=1)
+    n = min(n, len(b) - (1 if other is None else 0))
+    values: list[Tensor] = []
+    indices: list[Tensor] = []
+    for start in range(0, len(a), CHUNK):
+        cos = a[start : start + CHUNK] @ b.T
+        if other is None:
+            rows = torch.arange(len(cos), device=cos.device)
+            cos[rows, rows + start] = float("-inf")
+        top = cos.topk(n, dim=1)
+        values.append(top.values)
+        indices.append(top.indices)
+    return torch.cat(values), torch.cat(indices)
