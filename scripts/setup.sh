@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-# chromium: the browser tests of `lmscope serve` drive Debian's Chromium through Playwright.
+# chromium: the browser tests of `lmscope serve` and `lmscope report` drive Debian's Chromium
+# through Playwright.
 for pkg in fortunes python3-doc chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

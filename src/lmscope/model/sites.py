@@ -248,7 +248,9 @@ class SiteModel:
         first = self.layers[layer] if layer < self.n_layers else self.final_norm
         saved = [m.__dict__.get("forward") for m in skipped]
         handle = first.register_forward_pre_hook(
-            lambda _m, args, kwargs: _with_first(args, kwargs, resid), with_kwargs=True, prepend=True
+            lambda _m, args, kwargs: _with_first(args, kwargs, resid),
+            with_kwargs=True,
+            prepend=True,
         )
         try:
             for m in skipped:
