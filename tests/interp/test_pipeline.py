@@ -127,3 +127,19 @@ def test_neighbours_and_cross_layer_matches_equal_a_brute_force_cosine_search(in
             assert torch.allclose(torch.tensor([c for *_, c in rec.neighbours]), within.values[j], atol=1e-5)  # fmt: skip
         missing = "prev_layer" if field == "next_layer" else "next_layer"
         assert getattr(feature(suite, name, 0), missing) == []  # no layer -1 or 2 in this suite
+
+
+def test_the_bf16_candidate_path_gives_the_exact_logit_lens() -> None:
+    """Large vocabularies pick candidates in bf16 and rescore them in fp32: same lists, exact values."""
+    from lmscope.interp.lens import lens_matrix, logit_lens
+
+    model = SiteModel(tiny_model("gemma3"))
+    directions = torch.nn.functional.normalize(torch.randn(300, model.unembedding.shape[0], generator=torch.Generator().manual_seed(0)), dim=1)  # fmt: skip
+    exact = logit_lens(model, directions, 10, approx=False)
+    fast = logit_lens(model, directions, 10, approx=True)
+    for e, f in zip(exact[1::2], fast[1::2], strict=True):
+        assert torch.equal(e, f)  # the same token ids in the same order
+    for e, f in zip(exact[::2], fast[::2], strict=True):
+        torch.testing.assert_close(e, f, rtol=1e-5, atol=1e-5)
+    want = lens_matrix(model, directions) @ model.unembedding.detach().float()
+    torch.testing.assert_close(fast[0], want.topk(10, dim=1).values, rtol=1e-5, atol=1e-5)
