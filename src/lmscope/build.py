@@ -7,7 +7,7 @@ A build config (TOML; presets in ``lmscope/presets/``) names everything::
     [harvest]    tokens (0: no store, training streams from the model), batch_size, dtype, shard_rows
     [train]      any TrainConfig field (lmscope.train.config)
     [[sae]]      SAE groups as in `lmscope train --config` ("layers = 'all'" means every layer)
-    [eval]       tokens, batch_size
+    [eval]       tokens, recon_tokens (L0/FVU/dead over more tokens), batch_size
     [interpret]  tokens, batch_size, k, window
 
 The suite folder holds ``build.json``: the config the build started with and the stages finished.
@@ -37,14 +37,14 @@ _TABLES = {
     "model": {"name", "device", "dtype"},
     "data": {"corpus", "seq_len", "seed"},
     "harvest": {"tokens", "batch_size", "dtype", "shard_rows"},
-    "eval": {"tokens", "batch_size"},
+    "eval": {"tokens", "recon_tokens", "batch_size"},
     "interpret": {"tokens", "batch_size", "k", "window"},
 }
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": "gemma-3-270m", "device": None, "dtype": "float32"},
     "data": {"corpus": "default", "seq_len": 128, "seed": 0},
     "harvest": {"tokens": 100_000, "batch_size": 8, "dtype": "float32", "shard_rows": 8192},
-    "eval": {"tokens": 4096, "batch_size": 8},
+    "eval": {"tokens": 4096, "recon_tokens": 0, "batch_size": 8},
     "interpret": {"tokens": 50_000, "batch_size": 8, "k": 20, "window": 8},
 }
 
@@ -235,7 +235,8 @@ def _eval(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress:
 
     suite = Suite.open(root)
     e = cfg["eval"]
-    ec = EvalConfig(tokens=e["tokens"], batch_size=e["batch_size"], seed=cfg["data"]["seed"])
+    ec = EvalConfig(tokens=e["tokens"], recon_tokens=e["recon_tokens"], batch_size=e["batch_size"],
+                    seed=cfg["data"]["seed"], progress=progress)  # fmt: skip
     # every eval.json is written once the shared pass ends; a rerun evaluates the SAEs without one
     todo = [n for n in suite.names if not (root / n / EVAL_FILE).is_file()]
     if todo:

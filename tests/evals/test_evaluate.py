@@ -241,3 +241,28 @@ def test_dense_counts_latents_firing_on_more_than_the_threshold(tiny_gemma3: Loa
     assert every.scalars["dense"] == 96 - every.scalars["dead"] == sum(f > 0 for f in freq)
     half = evaluate_saes(tiny_gemma3, {"s": sae}, blocks, EvalConfig(dense_threshold=0.5))["s"]
     assert half.scalars["dense"] == sum(f > 0.5 for f in freq)
+
+
+def test_recon_tokens_widen_reconstruction_metrics_but_not_the_loss_metrics(tiny_gemma3: LoadedModel) -> None:  # fmt: skip
+    """Blocks past `tokens` feed L0/FVU/dead only: those equal a full eval over every block, while
+    the loss metrics equal an eval of the first blocks alone."""
+    blocks = token_blocks(tiny_gemma3)
+    assert len(blocks) >= 3
+    saes = {
+        "a": random_sae(tiny_gemma3, "L1.resid_post"),
+        "m": random_sae(tiny_gemma3, "L2.mlp_out"),
+    }
+    first = blocks[:2]
+    n_first = sum(b.n_tokens for b in first)
+    total = sum(b.n_tokens for b in blocks)
+    quiet = {"progress": False}
+    split = evaluate_saes(tiny_gemma3, saes, blocks, EvalConfig(tokens=n_first, recon_tokens=total, **quiet))  # fmt: skip
+    every = evaluate_saes(tiny_gemma3, saes, blocks, EvalConfig(tokens=total, **quiet))
+    only = evaluate_saes(tiny_gemma3, saes, first, EvalConfig(tokens=n_first, **quiet))
+    for name in saes:
+        s, e, o = split[name].scalars, every[name].scalars, only[name].scalars
+        for k in ("l0", "fvu", "dead", "dense", "cos_sim"):
+            assert s[k] == pytest.approx(e[k], rel=1e-9), k
+        for k in ("delta_lm_loss", "kl", "ce_recovered", "loss_tokens"):
+            assert s[k] == pytest.approx(o[k], rel=1e-9), k
+        assert s["tokens"] == total and s["loss_tokens"] < e["loss_tokens"]

@@ -16,6 +16,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         corpus=args.corpus,
         seq_len=args.seq_len,
         tokens=args.tokens,
+        recon_tokens=args.recon_tokens,
         batch_size=args.batch_size,
         seed=args.seed,
         fast=not args.reference,
@@ -67,6 +68,13 @@ def register(sub: Any) -> None:
         type=int,
         default=8192,
         help="held-out tokens to evaluate on, BOS/EOS/pad excluded (default: %(default)s)",
+    )
+    p.add_argument(
+        "--recon-tokens",
+        type=int,
+        default=0,
+        help="measure L0, FVU, dead and dense over this many eval tokens instead (one forward per "
+        "block, no splicing; 'dead' needs many tokens) (default: same as --tokens)",
     )
     p.add_argument(
         "--batch-size",

@@ -13,12 +13,13 @@ model with a replacement hook per SAE (and per zero ablation), logits from the m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from lmscope.data import TokenBatches, TokenBlock
 from lmscope.errors import CorpusError, SAEError
@@ -44,11 +45,16 @@ class EvalConfig:
     corpus: str | None = None  # None: the suite's corpus (else "default")
     seq_len: int | None = None  # None: the suite's (else 128)
     tokens: int = 8192  # eval tokens (BOS, EOS and pad not counted)
+    # > tokens: L0, FVU, dead/dense and frequencies also cover the next (recon_tokens − tokens)
+    # eval tokens. Those cost one clean forward per block and no splice or unembedding (the
+    # 262k-token unembedding is most of an SAE's eval on Gemma), and "dead" needs many tokens.
+    recon_tokens: int = 0
     batch_size: int = 4  # sequences per forward pass (memory: 2 × rows × vocab float32 per block)
     seed: int = 0
     eval_fraction: float = 0.05  # as in TokenBatches: the same documents as training left out
     dense_threshold: float = DENSE_THRESHOLD
     fast: bool = True  # False: the full-forward reference
+    progress: bool = True  # a bar over (block, SAE) splices, with tokens/s
 
     def with_defaults(self, corpus: str, seq_len: int) -> EvalConfig:
         """This config with `corpus` and `seq_len` filled in where unset."""
@@ -67,7 +73,8 @@ class EvalResult:
 
 
 def eval_blocks(loaded: LoadedModel, cfg: EvalConfig) -> list[TokenBlock]:
-    """The eval split's first `cfg.tokens` tokens, as token blocks (an empty split is a CorpusError)."""
+    """The eval split's first `max(cfg.tokens, cfg.recon_tokens)` tokens, as token blocks (an
+    empty split is a CorpusError)."""
     cfg = cfg.with_defaults("default", 128)
     assert cfg.corpus is not None and cfg.seq_len is not None
     blocks = list(
@@ -79,7 +86,7 @@ def eval_blocks(loaded: LoadedModel, cfg: EvalConfig) -> list[TokenBlock]:
             split="eval",
             seed=cfg.seed,
             eval_fraction=cfg.eval_fraction,
-            max_tokens=cfg.tokens,
+            max_tokens=max(cfg.tokens, cfg.recon_tokens),
         )
     )
     if not sum(b.n_tokens for b in blocks):
@@ -143,9 +150,18 @@ def evaluate_saes(
         raise CorpusError("no eval tokens to evaluate on (only BOS/EOS/pad, or no blocks at all)")
     seq_len = max(b.input_ids.shape[1] for b in blocks)
     plans = [_plan(sm, name, sae, seq_len) for name, sae in saes.items()]
-    with torch.inference_mode():
+    n_tokens = sum(b.n_tokens for b in blocks)
+    bar = tqdm(total=len(blocks) * len(plans), unit="splice", desc=f"eval {len(plans)} SAEs on {n_tokens:,} tokens",
+               disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
+    seen = 0
+    with torch.inference_mode(), bar:
         for block in blocks:
-            (_fast_block if cfg.fast else _reference_block)(sm, plans, block)
+            if seen >= cfg.tokens and cfg.recon_tokens > cfg.tokens:  # past the loss tokens
+                _recon_block(sm, plans, block)
+                bar.update(len(plans))
+            else:
+                (_fast_block if cfg.fast else _reference_block)(sm, plans, block, bar.update)
+            seen += block.n_tokens
     results = {}
     for p in plans:
         scalars, arrays = summarise(p.recon, p.loss, dense_threshold=cfg.dense_threshold)
@@ -196,7 +212,17 @@ def _final_resid(sm: SiteModel, out: Site, value: Tensor, acts: dict[str, Tensor
     return sm.run_from(start, resid, read=[last], replace=replace, return_logits=False).acts[last]
 
 
-def _fast_block(sm: SiteModel, plans: list[_Plan], block: TokenBlock) -> None:
+def _recon_block(sm: SiteModel, plans: list[_Plan], block: TokenBlock) -> None:
+    """Reconstruction statistics only: one forward up to the deepest site, no splicing."""
+    ids, mask = block.input_ids.to(sm.loaded.device), block.mask.to(sm.loaded.device)
+    sites = sorted({str(s) for p in plans for s in (p.site, p.out)})
+    last = max(s.layer for p in plans for s in (p.site, p.out))
+    acts = sm.run(ids, read=sites, stop_after_layer=last, return_logits=False).acts
+    for p in plans:
+        _record_recon(p, acts, mask)
+
+
+def _fast_block(sm: SiteModel, plans: list[_Plan], block: TokenBlock, done: Callable[[int], Any]) -> None:  # fmt: skip
     ids, mask = block.input_ids.to(sm.loaded.device), block.mask.to(sm.loaded.device)
     acts = sm.run(ids, read=_needed(sm, plans), return_logits=False).acts
     b, t, targets = _loss_rows(block, sm.loaded.device)
@@ -213,9 +239,10 @@ def _fast_block(sm: SiteModel, plans: list[_Plan], block: TokenBlock) -> None:
         ce, kl = spliced_losses(sm.unembed, h[b, t], targets, clean)
         assert kl is not None
         p.loss.update(clean.ce, ce, kl, ce_zero[p.out], t)
+        done(1)
 
 
-def _reference_block(sm: SiteModel, plans: list[_Plan], block: TokenBlock) -> None:
+def _reference_block(sm: SiteModel, plans: list[_Plan], block: TokenBlock, done: Callable[[int], Any]) -> None:  # fmt: skip
     ids, mask = block.input_ids.to(sm.loaded.device), block.mask.to(sm.loaded.device)
     b, t, targets = _loss_rows(block, sm.loaded.device)
     sites = sorted({str(s) for p in plans for s in (p.site, p.out)})
@@ -229,6 +256,7 @@ def _reference_block(sm: SiteModel, plans: list[_Plan], block: TokenBlock) -> No
         ce, kl = next_token_losses(logits[b, t], targets, logp_clean)
         assert kl is not None
         p.loss.update(ce_clean, ce, kl, next_token_losses(zero[b, t], targets)[0], t)
+        done(1)
 
 
 def _reference_runs(sm: SiteModel, p: _Plan, ids: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:

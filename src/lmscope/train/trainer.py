@@ -253,17 +253,28 @@ class _Run:
         self.prev_l0 = vals[2]
         if self.ctl is not None:
             self.ctl.update(vals[2])
-            self._steer_thresholds(vals[2])
+            self._steer_thresholds(vals[2], fires)
 
-    def _steer_thresholds(self, l0: float) -> None:
-        """Target-L0 mode, JumpReLU family: scale every θ by one factor towards L0* (see config)."""
+    def _steer_thresholds(self, l0: float, fires: Tensor) -> None:
+        """Target-L0 mode, JumpReLU family: move θ towards L0* (see config).
+
+        Too dense: each θ rises in proportion to how often its latent fired in this batch
+        (``fires / mean fires``, capped at 4), so frequent latents give way and rare ones are left
+        alone: raising every θ alike killed rare latents in short runs (70% of a 1,024-latent SAE
+        never fired after 117 steps). Too sparse: every θ falls alike, which also revives latents.
+        """
         theta = getattr(self.sae, "threshold", None)
         gain = self.cfg.l0_theta_gain
         if not isinstance(theta, nn.Parameter) or gain <= 0 or self.ctl is None:
             return
-        err = math.log(max(l0, 1e-3) / self.ctl.target)  # > 0: too dense → raise θ
+        err = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / self.ctl.target)))  # > 0: too dense
         with torch.no_grad():
-            theta.mul_(math.exp(gain * max(-1.0, min(1.0, err))))
+            if err <= 0:
+                theta.mul_(math.exp(gain * err))
+                return
+            f = fires.to(theta.dtype)
+            weight = (f / f.mean().clamp_min(1e-12)).clamp_(max=4.0)
+            theta.mul_(torch.exp(gain * err * weight))
 
     def _fast_grads(self, x: Tensor, lam: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The sparse-aware kernel: autograd's gradients, written into ``.grad``, with W_dec's
