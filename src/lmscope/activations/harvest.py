@@ -55,6 +55,13 @@ def read_sites(
         return model.run(input_ids, read=names, stop_after_layer=last, return_logits=False).acts
 
 
+def token_batches(cfg: HarvestConfig, loaded: LoadedModel, *, skip_blocks: int = 0) -> TokenBatches:
+    """The token blocks a harvest of `cfg` feeds the model, from block `skip_blocks` on."""
+    return TokenBatches(cfg.corpus, loaded.tokenizer, seq_len=cfg.seq_len,
+                        batch_size=cfg.batch_size, split=cfg.split, seed=cfg.seed,
+                        max_tokens=cfg.tokens, skip=skip_blocks * cfg.batch_size)  # fmt: skip
+
+
 def _store_meta(cfg: HarvestConfig) -> dict[str, Any]:
     """What a resumed harvest must share with the original for the store to stay consistent."""
     keep = ("corpus", "seq_len", "batch_size", "split", "seed", "model_dtype")
@@ -161,16 +168,7 @@ def harvest(
     if writer.complete:
         return ActivationStore(out)
     todo = None if stop is None else max(stop - first - writer.blocks_done, 0)
-    batches = TokenBatches(
-        cfg.corpus,
-        loaded.tokenizer,
-        seq_len=cfg.seq_len,
-        batch_size=cfg.batch_size,
-        split=cfg.split,
-        seed=cfg.seed,
-        max_tokens=cfg.tokens,
-        skip=(first + writer.blocks_done) * cfg.batch_size,
-    )
+    batches = token_batches(cfg, loaded, skip_blocks=first + writer.blocks_done)
     bar = tqdm(
         total=cfg.tokens,
         initial=writer.rows_committed,

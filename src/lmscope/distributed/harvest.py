@@ -18,9 +18,8 @@ from typing import Any
 
 import fsspec
 
-from lmscope.activations.harvest import HarvestConfig, harvest
+from lmscope.activations.harvest import HarvestConfig, harvest, token_batches
 from lmscope.activations.store import SEQUENCES, TOKENS, ActivationStore
-from lmscope.data import TokenBatches
 from lmscope.distributed.context import DistributedError, Ranks
 from lmscope.distributed.remote import write_whole
 from lmscope.errors import StoreError
@@ -35,16 +34,7 @@ def part_url(out: str, rank: int) -> str:
 
 def count_blocks(cfg: HarvestConfig, loaded: LoadedModel) -> int:
     """How many token blocks a harvest of `cfg` feeds the model (the last may be trimmed)."""
-    batches = TokenBatches(
-        cfg.corpus,
-        loaded.tokenizer,
-        seq_len=cfg.seq_len,
-        batch_size=cfg.batch_size,
-        split=cfg.split,
-        seed=cfg.seed,
-        max_tokens=cfg.tokens,
-    )
-    return sum(1 for _ in batches)
+    return sum(1 for _ in token_batches(cfg, loaded))
 
 
 def split_range(n: int, world: int) -> list[tuple[int, int]]:

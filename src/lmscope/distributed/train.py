@@ -14,7 +14,6 @@ moves the finished SAE folders to `<out>/<sae>/`. Resuming needs the same world 
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from lmscope.distributed.context import DistributedError, Ranks
 from lmscope.errors import ConfigError
+from lmscope.sae.formats import replace_folder
 from lmscope.train import SAESpec, TrainConfig
 from lmscope.train import checkpoint as ck
 from lmscope.train.trainer import DataFactory, train_suite
@@ -159,7 +159,7 @@ def train_parts(
         folders = train_suite(mine, data_for(sites), rank_cfg, work, resume=resume, sync=sync)
         if lead:
             for f in folders:
-                _move_folder(f, out / f.name)
+                replace_folder(f, out / f.name)
     ranks.barrier()  # every SAE in place
     if ranks.leader and (out / RANKS_DIR).is_dir():
         shutil.rmtree(out / RANKS_DIR)
@@ -170,14 +170,3 @@ def train_parts(
 def _checkpoint_step(work: Path) -> int | None:
     rec = ck.read_commit(work)
     return None if rec is None else int(rec["step"])
-
-
-def _move_folder(src: Path, dst: Path) -> None:
-    """Replace `dst` by `src` (a rename on one file system: readers see the old or the new)."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)

@@ -67,6 +67,17 @@ SUPPORTED = {
 # --- native ---
 
 
+def replace_folder(src: Path, dst: Path) -> None:
+    """Put folder ``src`` at ``dst`` by renames on one file system: readers see old or new, whole."""
+    if dst.exists():  # rename cannot replace a non-empty folder: move the old one aside
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(src, dst)
+
+
 @contextmanager
 def _atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success it replaces ``path`` in one rename."""
@@ -75,13 +86,7 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists():  # rename cannot replace a non-empty folder: move the old one aside
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        replace_folder(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
