@@ -65,7 +65,7 @@ def main() -> None:
         chromium = shutil.which("chromium") or "/usr/bin/chromium"
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
             for slug, url in (("overview", "/"), ("feature", f"/sae/{name}/feature/{index}")):
                 page.goto(base + url)
                 page.wait_for_load_state("networkidle")
