@@ -129,7 +129,7 @@ def _train(args: argparse.Namespace, ranks: Any) -> int:
     from lmscope.activations.store import ActivationStore
     from lmscope.activations.stream import stream_batches
     from lmscope.distributed import publish_suite, train_parts
-    from lmscope.distributed.remote import work_dir_for
+    from lmscope.distributed.remote import is_remote, work_dir_for
     from lmscope.errors import ConfigError
     from lmscope.model import SiteModel, load_model, parse_sites
     from lmscope.suite import record_training
@@ -181,7 +181,7 @@ def _train(args: argparse.Namespace, ranks: Any) -> int:
     if not ranks.leader:
         return 0
     record_training(out, folders, model=model, corpus=corpus, seq_len=seq_len, model_dtype=model_dtype)  # fmt: skip
-    if str(out) != args.out:
+    if is_remote(args.out):  # a local --out is trained in place (work_dir_for made it absolute)
         publish_suite(out, args.out)
         print(f"published the suite in {out} to {args.out}")
     for f in folders:
