@@ -40,17 +40,27 @@ def tiny_batch(tiny: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     return batch.input_ids, batch.attention_mask
 
 
-@pytest.fixture
-def text_corpus(tmp_path: Path) -> Path:
+def write_text_corpus(path: Path) -> Path:
     """A small real-text corpus of many short documents (jsonl), so both splits always get some:
     a single-document corpus lands whole in train or eval by its hash."""
     import json
 
     words = " ".join(p.read_text() for p in sorted(Path(__file__).parent.rglob("*.py"))).split()
     docs = [" ".join(words[i : i + 80]) for i in range(0, len(words), 80)]
-    path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """`write_text_corpus` in a fresh temp folder."""
+    return write_text_corpus(tmp_path / "corpus.jsonl")
+
+
+@pytest.fixture(scope="session")
+def shared_text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same corpus, made once for modules that build module-scoped state on it; never modify it."""
+    return write_text_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
 
 
 def build_tiny_suite(out: Path, sites: str = "L0-1.resid_post", width: int = 64, l0: float = 8.0,

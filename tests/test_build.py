@@ -60,16 +60,9 @@ window = 3
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import json as _json
-
-    words = " ".join(p.read_text() for p in sorted(Path(__file__).parent.rglob("*.py"))).split()
-    docs = [" ".join(words[i : i + 80]) for i in range(0, len(words), 80)]
-    root = tmp_path_factory.mktemp("build")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(_json.dumps({"text": d}) + "\n" for d in docs))
-    p = root / "tiny.toml"
-    p.write_text(TINY.format(corpus=corpus))
+def tiny_config(tmp_path_factory: pytest.TempPathFactory, shared_text_corpus: Path) -> Path:
+    p = tmp_path_factory.mktemp("build") / "tiny.toml"
+    p.write_text(TINY.format(corpus=shared_text_corpus))
     return p
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
@@ -62,12 +61,8 @@ def test_split_range_covers_every_block_once_in_order() -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    words = (Path(__file__).read_text() * 3).split()
-    docs = [" ".join(words[i : i + 50]) for i in range(0, len(words), 50)]
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
+def corpus(shared_text_corpus: Path) -> Path:
+    return shared_text_corpus
 
 
 def _cfg(corpus: Path) -> HarvestConfig:

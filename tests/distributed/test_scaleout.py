@@ -60,12 +60,8 @@ def scenarios(ranks: Ranks, root: str, corpus: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    words = (Path(__file__).read_text() * 3).split()
-    docs = [" ".join(words[i : i + 50]) for i in range(0, len(words), 50)]
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
+def corpus(shared_text_corpus: Path) -> Path:
+    return shared_text_corpus
 
 
 @pytest.fixture(scope="module")
