@@ -143,7 +143,7 @@ class _State:
 
     def finish(self, stage: str, seconds: float) -> None:
         self.state["done"].append(stage)
-        self.state["seconds"][stage] = self.state["seconds"].get(stage, 0.0) + seconds
+        self.state["seconds"][stage] = seconds  # a killed attempt never finishes, so never adds
         self.state["stage"] = None
         self.save()
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lmscope.activations.harvest import read_sites
 from lmscope.data import TokenBatches, TokenBlock
 from lmscope.errors import CorpusError, SAEError
 from lmscope.evals.metrics import (
@@ -215,9 +216,7 @@ def _final_resid(sm: SiteModel, out: Site, value: Tensor, acts: dict[str, Tensor
 def _recon_block(sm: SiteModel, plans: list[_Plan], block: TokenBlock) -> None:
     """Reconstruction statistics only: one forward up to the deepest site, no splicing."""
     ids, mask = block.input_ids.to(sm.loaded.device), block.mask.to(sm.loaded.device)
-    sites = sorted({str(s) for p in plans for s in (p.site, p.out)})
-    last = max(s.layer for p in plans for s in (p.site, p.out))
-    acts = sm.run(ids, read=sites, stop_after_layer=last, return_logits=False).acts
+    acts = read_sites(sm, ids, sorted({str(s) for p in plans for s in (p.site, p.out)}))
     for p in plans:
         _record_recon(p, acts, mask)
 
