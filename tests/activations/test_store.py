@@ -7,6 +7,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -16,7 +17,9 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+import xxhash
 
+from lmscope.activations import store as store_module
 from lmscope.activations.store import ActivationStore, StoreWriter
 from lmscope.errors import StoreError
 
@@ -154,18 +157,25 @@ def test_manifest_checksums_every_file_and_nothing_else_is_left(url: str) -> Non
         np.load(io.BytesIO(on_disk[name]), allow_pickle=False)  # plain .npy, no pickles
 
 
-def test_crc32_store_names_its_checksum_covers_whole_files_and_catches_corruption(
-    url: str, new_url: Callable[[], str]
+CHECKSUM_OF = {
+    "crc32": lambda b: f"{zlib.crc32(b):08x}",
+    "xxh3_64": lambda b: xxhash.xxh3_64(b).hexdigest(),
+}
+
+
+@pytest.mark.parametrize("algo", list(CHECKSUM_OF))
+def test_cheap_checksums_are_named_cover_whole_files_and_catch_corruption(
+    url: str, new_url: Callable[[], str], algo: str
 ) -> None:
     blocks = make_blocks()
-    write(url, blocks, checksum="crc32")
+    write(url, blocks, checksum=algo)
     m, on_disk = manifest(url), files(url)
     shards = [
         sh for sec in [*m["sites"].values(), m["tokens"], m["sequences"]] for sh in sec["shards"]
     ]
-    assert shards and all(set(sh) == {"file", "rows", "crc32"} for sh in shards)
+    assert shards and all(set(sh) == {"file", "rows", algo} for sh in shards)
     for sh in shards:
-        assert f"{zlib.crc32(on_disk[sh['file']]):08x}" == sh["crc32"]
+        assert CHECKSUM_OF[algo](on_disk[sh["file"]]) == sh[algo]
     reference = new_url()
     write(reference, blocks)  # a sha256 store: the same shard bytes, other manifest checksums
     assert {k: v for k, v in files(reference).items() if k != "manifest.json"} == {
@@ -176,7 +186,7 @@ def test_crc32_store_names_its_checksum_covers_whole_files_and_catches_corruptio
     data = bytearray(fs.cat_file(path))
     data[-3] ^= 0xFF
     fs.pipe_file(path, bytes(data))
-    with pytest.raises(StoreError, match=f"{A}/shard-000001.npy .*corrupt \\(crc32"):
+    with pytest.raises(StoreError, match=f"{A}/shard-000001.npy .*corrupt \\({algo}"):
         ActivationStore(url).read_rows(A)
 
 
@@ -379,7 +389,8 @@ def test_mean_sq_norm_and_mean_match_direct_computation(url: str, dtype: str) ->
     store = ActivationStore(url)
     for s in SITES:
         x = store.read_rows(s).double()
-        assert store.mean_sq_norm(s) == pytest.approx(float(x.square().sum(1).mean()), rel=1e-12)
+        # Each row's ‖x‖² is summed in float32 (d terms), the rows in float64.
+        assert store.mean_sq_norm(s) == pytest.approx(float(x.square().sum(1).mean()), rel=1e-6)
         torch.testing.assert_close(store.mean(s), x.mean(0).float())
 
 
@@ -394,3 +405,76 @@ def test_bad_requests_are_clear_store_errors(url: str) -> None:
         store.iter_batches(["L9.attn_z"], 8)
     with pytest.raises(StoreError, match="outside"):
         store.read_rows(A, 0, store.rows + 1)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "page_cache"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_local_shards_are_page_aligned_npy_files_of_the_masked_rows(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, direct: bool, dtype: str
+) -> None:
+    """Rows of an odd width straddle page boundaries block after block; masking happens as rows are
+    gathered into the page-aligned buffer. With or without O_DIRECT the shards are plain .npy files
+    whose rows start at byte 4096 and equal the masked input exactly."""
+    opened: list[bool] = []
+    real_open = store_module._open_direct
+
+    def open_direct(path: str) -> tuple[int, bool]:
+        fd, is_direct = real_open(path)
+        if not direct and is_direct:  # the fallback path, as on a filesystem without O_DIRECT
+            store_module.fcntl.fcntl(fd, store_module.fcntl.F_SETFL, os.O_WRONLY)
+            is_direct = False
+        opened.append(is_direct)
+        return fd, is_direct
+
+    monkeypatch.setattr(store_module, "_open_direct", open_direct)
+    g = torch.Generator().manual_seed(1)
+    sites = {"odd": 77, "wide": 1029}
+    url, blocks = str(tmp_path / "s"), []
+    for _ in range(5):
+        ids = torch.randint(3, 100, (3, 40), generator=g)
+        mask = torch.rand(3, 40, generator=g) > 0.3
+        acts = {s: torch.randn(3, 40, d, generator=g) for s, d in sites.items()}  # [B, T, d]
+        blocks.append((acts, ids, mask))
+    with StoreWriter(url, sites=sites, model_name="m", shard_rows=150, dtype=dtype,
+                     checksum="xxh3_64") as w:  # fmt: skip
+        for block in blocks:
+            w.append(*block)
+    if direct and not any(opened):
+        pytest.skip("this filesystem does not take O_DIRECT")
+    assert opened and all(o == direct for o in opened)
+    store = ActivationStore(url)
+    for s in sites:
+        want = torch.cat([a[s][m] for a, _, m in blocks])
+        if dtype == "bfloat16":
+            want = want.bfloat16().float()
+        assert torch.equal(store.read_rows(s), want)
+        for sh in store._m["sites"][s]["shards"]:
+            raw = (tmp_path / "s" / sh["file"]).read_bytes()
+            arr = np.load(io.BytesIO(raw), allow_pickle=False)
+            assert len(arr) == sh["rows"] and len(raw) == 4096 + arr.nbytes
+            assert raw[4096:] == arr.tobytes()
+            assert xxhash.xxh3_64(raw).hexdigest() == sh["xxh3_64"]
+
+
+@pytest.mark.parametrize("hint", ["exact", "too_few", "too_many"])
+def test_expect_rows_plans_the_last_shard_without_changing_the_store(
+    url: str, new_url: Callable[[], str], hint: str
+) -> None:
+    """A writer told how many rows are coming writes the short last shard with its final header
+    from the start (no read-back); a wrong hint must still give the same files."""
+    blocks = make_blocks()
+    total = sum(int(m.sum()) for _, _, m in blocks)
+    assert total % 16, "the test needs a short last shard"
+    expect = {"exact": total, "too_few": total - 20, "too_many": total + 5}[hint]
+    write(url, blocks, expect_rows=expect)
+    reference = new_url()
+    write(reference, blocks)
+    if hint == "too_few":  # a shard is cut short where the hint said the store ends
+        assert ActivationStore(url).rows == total
+        assert torch.equal(
+            ActivationStore(url).read_rows(A), ActivationStore(reference).read_rows(A)
+        )
+        return
+    assert {k: v for k, v in files(url).items() if k != "manifest.json"} == {
+        k: v for k, v in files(reference).items() if k != "manifest.json"
+    }
