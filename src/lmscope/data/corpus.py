@@ -196,12 +196,18 @@ _OVERSTRIKE = re.compile(r"[^\n\x08]\x08")
 
 def _read_fortunes(path: Path) -> Iterator[str]:
     text = path.read_text(encoding="utf-8", errors="replace")
-    # Old fortunes underline or embolden with backspaces ("_\bx"); keep what a terminal would show.
-    while "\x08" in text:
-        text, n = _OVERSTRIKE.subn("", text)
-        if n == 0:
-            text = text.replace("\x08", "")
+    if "\x08" in text:  # only lines with a backspace are rescanned (overstrikes never span lines)
+        text = "\n".join(_overstrike(line) for line in text.split("\n"))
     yield from _split_lines(text, "%")
+
+
+def _overstrike(line: str) -> str:
+    """Old fortunes underline or embolden with backspaces ("_\bx"); keep what a terminal shows."""
+    while "\x08" in line:
+        line, n = _OVERSTRIKE.subn("", line)
+        if n == 0:
+            line = line.replace("\x08", "")
+    return line
 
 
 def _read_rest(path: Path) -> Iterator[str]:
