@@ -25,7 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info  # noqa: E402
 
-from lmscope.activations.harvest import HarvestConfig, harvest  # noqa: E402
+from lmscope.activations.harvest import (  # noqa: E402
+    HarvestConfig,
+    _retain_freed_memory,
+    harvest,
+)
 from lmscope.data import TokenBatches  # noqa: E402
 from lmscope.model import SiteModel, load_model, parse_sites  # noqa: E402
 
@@ -71,6 +75,8 @@ def main() -> None:
         finally:
             shutil.rmtree(root)
 
+    # harvest() sets glibc's malloc to keep freed memory; set it first so both passes run alike.
+    _retain_freed_memory()
     bare()  # warm-up: first-call allocations, thread pools
     times: dict[str, list[float]] = {"bare": [], "harvest": []}
     for _ in range(args.repeats):
