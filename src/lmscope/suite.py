@@ -22,13 +22,12 @@ L0 (eval's when known, else training's) is closest to 100, as Gemma Scope picks 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmscope.atomic import write_json_atomic
 from lmscope.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,13 +44,6 @@ CANONICAL_L0 = 100.0
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temp file + rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _entry(folder: Path) -> dict[str, Any]:

@@ -247,14 +247,14 @@ def test_resume_after_crash_equals_uninterrupted(
     else:  # killed inside a commit: this group's shards are written but the manifest never learns of them
         from lmscope.activations import store as store_module
 
-        put, calls = store_module._put, itertools.count()
+        put, calls = store_module.put_whole, itertools.count()
 
-        def failing_put(fs: object, path: str, chunks: list[bytes]) -> None:
+        def failing_put(fs: object, path: str, chunks: bytes) -> None:
             if path.endswith("manifest.json") and next(calls) == 4:
                 raise KeyboardInterrupt
             put(fs, path, chunks)
 
-        monkeypatch.setattr(store_module, "_put", failing_put)
+        monkeypatch.setattr(store_module, "put_whole", failing_put)
         with pytest.raises(KeyboardInterrupt):
             write(url, blocks)
         monkeypatch.undo()

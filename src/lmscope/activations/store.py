@@ -26,6 +26,7 @@ import torch
 import xxhash
 from fsspec.implementations.local import LocalFileSystem
 
+from lmscope.atomic import put_whole
 from lmscope.errors import StoreError
 
 FORMAT, VERSION = "lmscope.activations", 1
@@ -55,19 +56,6 @@ def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":  # a bfloat16 is the top half of a float32
         a = (a.astype(np.uint32) << 16).view(np.float32)
     return torch.from_numpy(a.astype(np.float32, copy=False))
-
-
-def _put(fs: Any, path: str, chunks: Sequence[bytes | memoryview]) -> None:
-    """Write a file so that readers see all of it or none of it."""
-    if not isinstance(fs, LocalFileSystem):  # one PUT: memory:// and object stores publish it whole
-        fs.pipe_file(path, b"".join(chunks))
-        return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.writelines(chunks)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it visible
-    os.replace(tmp, path)
 
 
 class _Crc32:
@@ -520,7 +508,7 @@ class StoreWriter(_Files):
 
     def _save(self) -> None:
         self._m["updated"] = _now()
-        _put(self._fs, f"{self._root}/manifest.json", [json.dumps(self._m, indent=1).encode()])
+        put_whole(self._fs, f"{self._root}/manifest.json", json.dumps(self._m, indent=1).encode())
 
     def _feed(self, rows: dict[str, _Rows], size: int) -> bool:
         """Write the rows of streams that advance together (all sites and tokens, or sequences)

@@ -20,8 +20,8 @@ import fsspec
 
 from lmscope.activations.harvest import HarvestConfig, harvest, token_batches
 from lmscope.activations.store import SEQUENCES, TOKENS, ActivationStore
+from lmscope.atomic import put_whole
 from lmscope.distributed.context import DistributedError, Ranks
-from lmscope.distributed.remote import write_whole
 from lmscope.errors import StoreError
 from lmscope.model import LoadedModel, load_model
 
@@ -143,5 +143,5 @@ def merge_parts(out: str, parts: list[str]) -> dict[str, Any]:
         "meta": meta,
         PARTS: prefix,
     }  # fmt: skip
-    write_whole(fs, f"{root}/manifest.json", json.dumps(merged, indent=1).encode())
+    put_whole(fs, f"{root}/manifest.json", json.dumps(merged, indent=1).encode())
     return merged

@@ -23,6 +23,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from lmscope.atomic import put_whole
 from lmscope.errors import LmscopeError
 
 MANIFEST = "manifest.json"
@@ -38,20 +39,6 @@ def is_remote(url: str | Path) -> bool:
     """True for fsspec URLs that are not local paths (`s3://…`, `gs://…`, `memory://…`)."""
     fs, _ = fsspec.core.url_to_fs(str(url))
     return not isinstance(fs, LocalFileSystem)
-
-
-def write_whole(fs: Any, path: str, data: bytes) -> None:
-    """Publish `data` at `path` so readers see all of it or none: temp file, fsync and rename on
-    a local disk; one PUT elsewhere (object stores and `memory://` make a PUT visible whole)."""
-    if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)
-        return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def work_dir_for(url: str, work_dir: str | Path | None = None) -> Path:
@@ -93,10 +80,10 @@ def publish_suite(local: str | Path, url: str) -> dict[str, Any]:
         rel = p.relative_to(local).as_posix()
         data = p.read_bytes()
         fs.makedirs(f"{root}/{rel}".rsplit("/", 1)[0], exist_ok=True)
-        write_whole(fs, f"{root}/{rel}", data)
+        put_whole(fs, f"{root}/{rel}", data)
         table[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     manifest["files"] = table
-    write_whole(fs, f"{root}/{MANIFEST}", (json.dumps(manifest, indent=1) + "\n").encode())
+    put_whole(fs, f"{root}/{MANIFEST}", (json.dumps(manifest, indent=1) + "\n").encode())
     return dict(manifest)
 
 

@@ -16,10 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lmscope.atomic import write_json_atomic, write_text_atomic
 from lmscope.errors import ConfigError
 from lmscope.evals import plots
 from lmscope.evals.results import read_eval
-from lmscope.suite import Suite, write_json_atomic
+from lmscope.suite import Suite
 
 FRONTIER_METRICS = ("delta_lm_loss", "fvu")
 LAYER_METRICS = ("delta_lm_loss", "fvu", "ce_recovered", "kl", "l0", "dead_frac")
@@ -85,9 +86,7 @@ def write_report(suite: Suite, out: str | Path | None = None) -> Path:
         + "\n</body></html>\n"
     )
     index = folder / "index.html"
-    tmp = folder / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(index)
+    write_text_atomic(index, page)
     write_json_atomic(folder / "entries.json", entries)  # the table's data, for other tools
     return index
 

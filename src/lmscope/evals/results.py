@@ -17,10 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lmscope.atomic import write_json_atomic
 from lmscope.errors import ConfigError
 from lmscope.evals.evaluate import EvalConfig, EvalResult, eval_blocks, evaluate_saes
 from lmscope.model import LoadedModel, load_model
-from lmscope.suite import MANIFEST, Suite, write_json_atomic
+from lmscope.suite import MANIFEST, Suite
 
 EVAL_FILE = "eval.json"
 EVAL_FORMAT = "lmscope.eval"

@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import threading
-import uuid
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -30,33 +29,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from lmscope.atomic import temp_path, write_text_atomic
 from lmscope.errors import ConfigError
 
 COMMIT = "checkpoint.json"
 CKPT_DIR = ".checkpoints"
 
 
-def _tmp(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-
-def _fsync(path: Path) -> None:
+def _fsync(path: str) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def atomic_save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    tmp = _tmp(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp = temp_path(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
     _fsync(tmp)
     os.replace(tmp, path)
 
@@ -73,7 +60,7 @@ def save_sae_state(d: Path, step: int, tensors: dict[str, Tensor], state: dict[s
     """One SAE's state at ``step`` (not yet committed: see ``commit``)."""
     d.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(d / f"{_stem(step)}.safetensors", tensors)
-    atomic_write_text(d / f"{_stem(step)}.json", json.dumps({"step": step, **state}, indent=1))
+    write_text_atomic(d / f"{_stem(step)}.json", json.dumps({"step": step, **state}, indent=1))
 
 
 def load_sae_state(d: Path, step: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -85,7 +72,7 @@ def load_sae_state(d: Path, step: int) -> tuple[dict[str, Tensor], dict[str, Any
 
 def commit(out_dir: Path, step: int, folders: list[str], extra: dict[str, Any]) -> None:
     """Declare step ``step`` the one to resume from, then drop older per-SAE files."""
-    atomic_write_text(
+    write_text_atomic(
         out_dir / COMMIT, json.dumps({"step": step, "saes": folders, **extra}, indent=1)
     )
     keep = {f"{_stem(step)}.safetensors", f"{_stem(step)}.json"}
@@ -138,7 +125,7 @@ def trim_log(path: Path, upto: int) -> None:
     if not path.is_file():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= upto]
-    atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+    write_text_atomic(path, "".join(ln + "\n" for ln in lines))
 
 
 class StopOnSignal:
