@@ -121,6 +121,35 @@ def test_a_tiny_build_makes_an_evaluated_interpreted_reported_suite(
     build(str(tiny_config), tmp_path / "suite", progress=False)  # complete: a no-op
 
 
+def test_a_resumed_build_loads_the_model_only_for_stages_that_need_it(
+    tiny_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import lmscope.model
+
+    out = tmp_path / "suite"
+    build(str(tiny_config), out, progress=False)
+    index = (out / "report" / "index.html").read_text()
+    shutil.rmtree(out / "report")
+    state = json.loads((out / "build.json").read_text())
+    state["done"].remove("report")
+    (out / "build.json").write_text(json.dumps(state))
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the report stage loaded the model")
+
+    monkeypatch.setattr(lmscope.model, "load_model", no_model)
+    build(str(tiny_config), out, progress=False)
+    assert (out / "report" / "index.html").read_text() == index
+    assert json.loads((out / "build.json").read_text())["done"] == list(STAGES)
+
+    state["done"].remove("interpret")  # a stage that needs the model does load it
+    (out / "build.json").write_text(json.dumps(state))
+    with pytest.raises(AssertionError, match="loaded the model"):
+        build(str(tiny_config), out, progress=False)
+
+
 def _kill_during(stage: str, config: Path, out: Path) -> None:
     """Start `lmscope build`, SIGKILL it while build.json says `stage` is running."""
     cmd = [

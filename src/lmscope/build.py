@@ -27,8 +27,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lmscope.atomic import write_json_atomic
 from lmscope.errors import ConfigError
-from lmscope.suite import MANIFEST, Suite, record_training, write_json_atomic
+from lmscope.suite import MANIFEST, Suite, record_training
 
 STAGES = ("harvest", "train", "eval", "interpret", "report")
 PRESETS = ("quick", "standard", "gemma-scope")
@@ -165,16 +166,12 @@ def build(config: str | BuildConfig, out: str | Path, *, progress: bool = True) 
     cfg = read_config(config) if isinstance(config, str) else config
     root = Path(out)
     state = _State(root, cfg)
-    m = cfg["model"]
-    from lmscope.model import SiteModel, load_model
-
     t_start = time.perf_counter()
     todo = [s for s in STAGES if not state.done(s)]
     if not todo:
         _say(progress, f"build at {root} is complete; nothing to do")
         return Suite.open(root)
-    loaded = load_model(m["name"], device=m["device"], dtype=m["dtype"])
-    specs = sae_specs(cfg, SiteModel(loaded).n_layers)
+    model = _Model(cfg)
     for i, stage in enumerate(STAGES, 1):
         if state.done(stage):
             continue
@@ -182,11 +179,38 @@ def build(config: str | BuildConfig, out: str | Path, *, progress: bool = True) 
         _say(progress, f"[{i}/{len(STAGES)}] {stage} (build running {elapsed / 60:.1f} min)")
         state.start(stage)
         t0 = time.perf_counter()
-        _STAGE_FNS[stage](cfg, root, loaded, specs, progress)
+        _STAGE_FNS[stage](cfg, root, model, progress)
         state.finish(stage, time.perf_counter() - t0)
     total = sum(state.state["seconds"].values())
     _say(progress, f"build complete: {root} ({total / 60:.1f} min of stage time); browse it with `lmscope serve {root}`")  # fmt: skip
     return Suite.open(root)
+
+
+class _Model:
+    """The build's model and SAE specs, loaded on first use: a resumed build whose remaining
+    stages need no model (the report) never loads it."""
+
+    def __init__(self, cfg: BuildConfig) -> None:
+        self._cfg = cfg
+        self._loaded: Any = None
+        self._specs: list[Any] | None = None
+
+    @property
+    def loaded(self) -> Any:
+        if self._loaded is None:
+            from lmscope.model import load_model
+
+            m = self._cfg["model"]
+            self._loaded = load_model(m["name"], device=m["device"], dtype=m["dtype"])
+        return self._loaded
+
+    @property
+    def specs(self) -> list[Any]:
+        if self._specs is None:
+            from lmscope.model import SiteModel
+
+            self._specs = sae_specs(self._cfg, SiteModel(self.loaded).n_layers)
+        return self._specs
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -194,22 +218,22 @@ def _say(progress: bool, msg: str) -> None:
         print(f"lmscope build: {msg}", flush=True)
 
 
-def _harvest(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress: bool) -> None:
+def _harvest(cfg: BuildConfig, root: Path, model: _Model, progress: bool) -> None:
     from lmscope.activations.harvest import HarvestConfig, harvest
 
     h, d, m = cfg["harvest"], cfg["data"], cfg["model"]
     if h["tokens"] == 0:
         _say(progress, "no store ([harvest] tokens = 0): training streams from the model")
         return
-    sites = ",".join(sorted({site for s in specs for site in s.sites}))
+    sites = ",".join(sorted({site for s in model.specs for site in s.sites}))
     hc = HarvestConfig(model=m["name"], sites=sites, corpus=d["corpus"], tokens=h["tokens"],
                        seq_len=d["seq_len"], batch_size=h["batch_size"], split="train",
                        seed=d["seed"], dtype=h["dtype"], model_dtype=m["dtype"],
                        shard_rows=h["shard_rows"])  # fmt: skip
-    harvest(hc, str(root / "store"), resume=True, loaded=loaded, progress=progress)
+    harvest(hc, str(root / "store"), resume=True, loaded=model.loaded, progress=progress)
 
 
-def _train(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress: bool) -> None:
+def _train(cfg: BuildConfig, root: Path, model: _Model, progress: bool) -> None:
     from dataclasses import replace
 
     from lmscope.activations.store import ActivationStore
@@ -217,10 +241,11 @@ def _train(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress
     from lmscope.train import TrainConfig, store_data, train_suite
 
     tc = replace(TrainConfig.from_dict(cfg["train"]), progress=progress)
+    specs = model.specs
     sites = sorted({site for s in specs for site in s.sites})
     d, m = cfg["data"], cfg["model"]
     if cfg["harvest"]["tokens"] == 0:
-        data = stream_batches(loaded, sites, tc.batch_size, corpus=d["corpus"],
+        data = stream_batches(model.loaded, sites, tc.batch_size, corpus=d["corpus"],
                               seq_len=d["seq_len"], seed=tc.seed)  # fmt: skip
     else:
         data = store_data(ActivationStore(str(root / "store")), sites, tc.batch_size, seed=tc.seed)
@@ -229,7 +254,7 @@ def _train(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress
                     model_dtype=m["dtype"])  # fmt: skip
 
 
-def _eval(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress: bool) -> None:
+def _eval(cfg: BuildConfig, root: Path, model: _Model, progress: bool) -> None:
     from lmscope.evals.evaluate import EvalConfig
     from lmscope.evals.results import EVAL_FILE, evaluate_suite
 
@@ -240,20 +265,20 @@ def _eval(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress:
     # every eval.json is written once the shared pass ends; a rerun evaluates the SAEs without one
     todo = [n for n in suite.names if not (root / n / EVAL_FILE).is_file()]
     if todo:
-        evaluate_suite(suite, ec, names=todo, loaded=loaded)
+        evaluate_suite(suite, ec, names=todo, loaded=model.loaded)
 
 
-def _interpret(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress: bool) -> None:
+def _interpret(cfg: BuildConfig, root: Path, model: _Model, progress: bool) -> None:
     from lmscope.interp.features import StatsConfig
     from lmscope.interp.pipeline import InterpretConfig, interpret
 
     i = cfg["interpret"]
     ic = InterpretConfig(tokens=i["tokens"], batch_size=i["batch_size"], seed=cfg["data"]["seed"],
                          stats=StatsConfig(k=i["k"], window=i["window"]))  # fmt: skip
-    interpret(Suite.open(root), ic, loaded=loaded, progress=progress)
+    interpret(Suite.open(root), ic, loaded=model.loaded, progress=progress)
 
 
-def _report(cfg: BuildConfig, root: Path, loaded: Any, specs: list[Any], progress: bool) -> None:
+def _report(cfg: BuildConfig, root: Path, model: _Model, progress: bool) -> None:
     from lmscope.evals.report import write_report
 
     write_report(Suite.open(root))
