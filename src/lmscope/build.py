@@ -23,6 +23,7 @@ import copy
 import time
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -192,25 +193,19 @@ class _Model:
 
     def __init__(self, cfg: BuildConfig) -> None:
         self._cfg = cfg
-        self._loaded: Any = None
-        self._specs: list[Any] | None = None
 
-    @property
+    @cached_property
     def loaded(self) -> Any:
-        if self._loaded is None:
-            from lmscope.model import load_model
+        from lmscope.model import load_model
 
-            m = self._cfg["model"]
-            self._loaded = load_model(m["name"], device=m["device"], dtype=m["dtype"])
-        return self._loaded
+        m = self._cfg["model"]
+        return load_model(m["name"], device=m["device"], dtype=m["dtype"])
 
-    @property
+    @cached_property
     def specs(self) -> list[Any]:
-        if self._specs is None:
-            from lmscope.model import SiteModel
+        from lmscope.model import SiteModel
 
-            self._specs = sae_specs(self._cfg, SiteModel(self.loaded).n_layers)
-        return self._specs
+        return sae_specs(self._cfg, SiteModel(self.loaded).n_layers)
 
 
 def _say(progress: bool, msg: str) -> None:

@@ -168,9 +168,9 @@ class _ShardFile:
         self._chunks: list[bytes] = []  # the file's bytes, for fsspec (non-local) stores
         self._row: tuple[np.dtype[Any], tuple[int, ...]] | None = None
 
-    def write(self, src: np.ndarray, idx: np.ndarray | None = None) -> None:
-        """Append rows `src[idx]` (all of `src` when `idx` is None)."""
-        n = len(src) if idx is None else len(idx)
+    def write(self, rows: _Rows) -> None:
+        """Append `rows`, gathering them into the staging buffer."""
+        src, idx, n = rows.src, rows.idx, len(rows)
         if self._row is None:  # the header of a full shard; a short last one is redone on publish
             self._row = (src.dtype, src.shape[1:])
             head = _npy_header(src.dtype, (self.planned, *src.shape[1:]))
@@ -241,8 +241,9 @@ class _ShardFile:
                         self._digest.update(chunk)
             else:
                 self._chunks[0] = head + self._chunks[0][ALIGN:]
-                for c in self._chunks:
-                    self._digest.update(memoryview(c)[ALIGN:] if c is self._chunks[0] else c)
+                self._digest.update(memoryview(self._chunks[0])[ALIGN:])
+                for c in self._chunks[1:]:
+                    self._digest.update(c)
         if not self._local:
             self.fs.pipe_file(self.path, b"".join(self._chunks))
         else:
@@ -531,8 +532,7 @@ class StoreWriter(_Files):
             shard = self._filling[names[0]]
             hi = min(n, lo + shard.planned - shard.rows)
             for name in names:
-                part = rows[name][lo:hi]
-                self._filling[name].write(part.src, part.idx)
+                self._filling[name].write(rows[name][lo:hi])
             lo = hi
             if shard.rows == shard.planned:
                 self._publish(names)

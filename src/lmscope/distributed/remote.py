@@ -16,14 +16,13 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from lmscope.atomic import put_whole
+from lmscope.atomic import put_whole, temp_path
 from lmscope.errors import LmscopeError
 
 MANIFEST = "manifest.json"
@@ -99,7 +98,7 @@ def fetch_suite(url: str, local: str | Path) -> Path:
     if "files" not in manifest:
         raise RemoteError(f"{url}/{MANIFEST} lists no files: not published by publish_suite")
     local = Path(local)
-    tmp = local.parent / f".{local.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = Path(temp_path(local))
     tmp.mkdir(parents=True)
     try:
         for rel, want in manifest["files"].items():

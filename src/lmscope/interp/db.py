@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lmscope.atomic import temp_path
 from lmscope.interp.features import LatentStats
 
 FORMAT = "lmscope.features"
@@ -71,7 +71,7 @@ class FeatureDBWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self.tmp = Path(temp_path(self.path))
         self.conn = sqlite3.connect(self.tmp)
         self.conn.execute("PRAGMA journal_mode = OFF")  # the temp file is all-or-nothing anyway
         self.conn.execute("PRAGMA synchronous = OFF")
