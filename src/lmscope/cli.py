@@ -44,6 +44,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_force_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it holds files this command did not write")  # fmt: skip
+
+
 def _add_corpus_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--corpus",
@@ -199,17 +204,27 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+# What an SAE writer (export, import) may find in its --out and overwrite: one SAE's files in any
+# format lmscope writes, nothing else (a suite, or an SAE's train_log.jsonl/eval.json, is refused).
+SAE_FILES = ("config.json", "weights.safetensors", "cfg.json", "sae_weights.safetensors",
+             "params.npz", "params.safetensors", "lmscope.json")  # fmt: skip
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
+    from lmscope.outputs import claim_dir, holds_only
     from lmscope.sae import export_sae, load_sae
 
+    claim_dir(args.out, owned=holds_only(SAE_FILES), command="export", force=args.force)
     path = export_sae(load_sae(args.sae), args.out, args.format)
     print(f"wrote {args.format} SAE to {path}")
     return 0
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
+    from lmscope.outputs import claim_dir, holds_only
     from lmscope.sae import import_sae, save_sae
 
+    claim_dir(args.out, owned=holds_only(SAE_FILES), command="import", force=args.force)
     path = save_sae(import_sae(args.source), args.out)
     print(f"imported {args.source} as a native lmscope SAE in {path}")
     return 0
@@ -351,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", required=True, choices=["native", "saelens", "gemmascope", "gemmascope2"]
     )
     p.add_argument("--out", required=True, help="folder to write")
+    _add_force_flag(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("import", help="read a Gemma Scope or SAELens SAE into lmscope's format",
@@ -359,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71.")  # fmt: skip
     p.add_argument("source", help="local folder or Hugging Face repo path")
     p.add_argument("--out", required=True, help="native SAE folder to write")
+    _add_force_flag(p)
     p.set_defaults(func=_cmd_import)
     for stage in STAGE_CLIS:  # later stages add their own subcommands
         importlib.import_module(stage).register(sub)

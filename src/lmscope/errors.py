@@ -31,3 +31,7 @@ class ConfigError(LmscopeError):
 
 class InterventionError(LmscopeError):
     """An intervention or attribution request names a latent, site or target that does not exist."""
+
+
+class OutputError(LmscopeError):
+    """An output path holds something the command did not write (or is a file where a folder goes)."""
