@@ -23,6 +23,7 @@ STAGE_CLIS = (
     "lmscope.interp.cli",
     "lmscope.intervene.cli",
     "lmscope.serve.cli",
+    "lmscope.releases.cli",
 )
 
 

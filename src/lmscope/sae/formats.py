@@ -296,15 +296,19 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def import_sae(path: str | Path, *, dtype: str | None = None) -> SAE:
+def import_sae(
+    path: str | Path, *, dtype: str | None = None, hints: dict[str, Any] | None = None
+) -> SAE:
     """Load an SAE from a local folder in any of ``FORMATS`` (auto-detected), or from a Hugging
     Face path ``owner/repo/sub/folder`` (downloaded with ``huggingface_hub`` when online).
 
+    ``hints`` (``site``, ``out_site``, ``model``) name what folders without a config read (Gemma
+    Scope 1); a Gemma Scope 2 config's own hook points win over them.
     Example: ``import_sae("google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71")``.
     """
     spec = str(path)
     p = Path(path)
-    hints: dict[str, Any] = {}
+    hints = {k: v for k, v in (hints or {}).items() if v is not None}
     if not p.exists():
         if p.is_absolute() or spec.startswith(".") or spec.count("/") < 1:
             raise SAEError(f"no SAE at {spec}: not a local path nor an owner/repo[/folder] HF path")
@@ -413,15 +417,28 @@ def _read_gs2(p: Path, hints: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     meta = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
     if meta.get("architecture", "jump_relu") != "jump_relu":
         raise SAEError(f"Gemma Scope 2 architecture {meta['architecture']!r} is not supported")
-    transcoder = meta.get("type") == "transcoder" or "W_skip" in state
-    site_in = _site_from_hook(meta.get("hf_hook_point_in"), HF_HOOKS) or hints.get("site")
+    # Gemma Scope 2 config.json keys (as published, e.g. google/gemma-scope-2-4b-pt resid_post):
+    # hf_hook_point_in, hf_hook_point_out, width, model_name, architecture ("jump_relu"), l0,
+    # affine_connection, type ("sae" | "transcoder"). Transcoders read pre_feedforward_layernorm
+    # .output and write post_feedforward_layernorm.output; an SAE's two hook points are equal.
+    hook_in, hook_out = meta.get("hf_hook_point_in"), meta.get("hf_hook_point_out")
+    transcoder = (
+        meta.get("type") == "transcoder"
+        or "W_skip" in state
+        or (hook_out not in (None, hook_in))
+        or (not meta and bool(hints.get("out_site")))
+    )
+    site_in = _site_from_hook(hook_in, HF_HOOKS) if hook_in else hints.get("site", "")
+    out = hints.get("out_site") if not hook_out else _site_from_hook(hook_out, HF_HOOKS)
     cfg = _folded_cfg(
         "jumprelu_transcoder" if transcoder else "jumprelu",
         state,
         site=site_in,
-        out_site=_site_from_hook(meta.get("hf_hook_point_out"), HF_HOOKS) if transcoder else None,
+        out_site=out if transcoder else None,
         model=meta.get("model_name") or hints.get("model"),
     )
+    if meta.get("l0") is not None:
+        cfg["training"] = {"l0": float(meta["l0"])}
     return cfg, state
 
 
