@@ -13,6 +13,10 @@ model's gradient at the site (every later layer live, nothing frozen):
 - per SAE, summed over ordinary positions (not BOS/EOS/pad, which SAEs never see and which are
   not decomposed): ``Σ latents + error + bias = Σ_p g·x`` (``site_total``), exactly.
 
+A transcoder (``L6.mlp_in`` → ``L6.mlp_out``) is tapped at its output site: its latents are
+computed from its input, and its error is the output minus ``decode(f)`` (the affine skip path
+included), so the same identity holds there, with ``g`` the gradient at the output site.
+
 Edges join each SAE to the next one in forward order (one SAE per site). For an upstream node u
 and a downstream latent d with pre-activation ``z_d``:
 
@@ -40,7 +44,7 @@ from lmscope.intervene.generate import encode_prompt
 from lmscope.intervene.hooks import validate_sae
 from lmscope.model import KINDS, LoadedModel, SiteModel
 from lmscope.model.sites import ReplaceFn, Site
-from lmscope.sae import SAE
+from lmscope.sae import SAE, check_compatible
 
 Target = str | tuple[str, str]
 
@@ -121,16 +125,27 @@ def target_ids(loaded: LoadedModel, target: Target) -> tuple[list[str], list[int
 
 
 class _Tap:
-    """A site replacement that keeps the value but exposes latents and error as gradient leaves."""
+    """A site replacement that keeps the value but exposes latents and error as gradient leaves.
+
+    A transcoder's tap sits at its output site; ``record`` (an identity replacement at its input
+    site, earlier in the same pass) keeps the input it encodes, live. Its error is everything the
+    latents and ``b_dec`` leave of the output, the affine skip path included.
+    """
 
     def __init__(self, sae: SAE):
         self.sae = sae
+        self.x_in: Tensor | None = None
+
+    def record(self, x: Tensor) -> Tensor:
+        self.x_in = x
+        return x
 
     def __call__(self, x: Tensor) -> Tensor:
         sae, w = self.sae, self.sae.W_dec
         xs = x.to(w.dtype)
-        self.z = sae.pre_acts(xs)  # live: edges differentiate these w.r.t. upstream taps
-        f_live = sae.encode(xs)
+        src = xs if self.x_in is None else self.x_in.to(w.dtype)
+        self.z = sae.pre_acts(src)  # live: edges differentiate these w.r.t. upstream taps
+        f_live = sae.encode(src)
         self.err_live = xs - sae.decode(f_live)
         self.x = xs.detach()
         self.f = f_live.detach().requires_grad_()
@@ -139,11 +154,25 @@ class _Tap:
         return (xs + (self.f - self.f.detach()) @ w + (self.err - self.err.detach())).to(x.dtype)
 
 
+def _validate(sites: SiteModel, sae: SAE) -> str:
+    """Where the SAE's tap sits: its site, or a transcoder's output site (both widths checked)."""
+    if not sae.cfg.is_transcoder:
+        return validate_sae(sites, sae)
+    if not sae.cfg.site or not sae.cfg.out_site:
+        raise InterventionError("the transcoder's config names no site/out_site, e.g. L6.mlp_in → L6.mlp_out")  # fmt: skip
+    site, out = str(sites.site(sae.cfg.site)), str(sites.site(sae.cfg.out_site))
+    check_compatible(sae, site, sites.site_dim(site), out_d=sites.site_dim(out))
+    return out
+
+
 def _order(sites: SiteModel, saes: Sequence[SAE]) -> list[tuple[str, SAE]]:
-    named = [(validate_sae(sites, s), s) for s in saes]
+    named = [(_validate(sites, s), s) for s in saes]
     seen: dict[str, int] = {}
-    for site, _ in named:
+    for site, sae in named:
         seen[site] = seen.get(site, 0) + 1
+        if sae.cfg.is_transcoder:  # its input site is replaced too (to record the input)
+            inp = str(sites.site(sae.cfg.site))
+            seen[inp] = seen.get(inp, 0) + 1
     twice = [s for s, n in seen.items() if n > 1]
     if twice:
         raise InterventionError(f"attribute takes one SAE per site; several at {', '.join(twice)}")
@@ -181,6 +210,9 @@ def attribute(
     taps = {site: _Tap(sae) for site, sae in ordered}
     with torch.enable_grad(), torch.inference_mode(False):
         replace: dict[str | Site, ReplaceFn] = {s: t for s, t in taps.items()}
+        for t in taps.values():
+            if t.sae.cfg.is_transcoder:
+                replace[str(sites.site(t.sae.cfg.site))] = t.record
         logits = sites.run(ids, replace=replace).logits
         assert logits is not None
         last = logits[0, -1].float()
