@@ -35,3 +35,7 @@ class InterventionError(LmscopeError):
 
 class OutputError(LmscopeError):
     """An output path holds something the command did not write (or is a file where a folder goes)."""
+
+
+class CircuitError(InterventionError):
+    """A replacement model or attribution graph cannot be built from the transcoders at hand."""
