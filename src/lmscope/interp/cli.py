@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-COMMANDS: tuple[str, ...] = ("interpret",)  # the subcommands register() adds
+COMMANDS: tuple[str, ...] = ("interpret", "explain")  # the subcommands register() adds
 
 
 def _cmd_interpret(args: argparse.Namespace) -> int:
@@ -27,8 +27,63 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from lmscope.interp.explain import ExplainError
+    from lmscope.interp.explain.run import explain, parse_explainer
+
+    if args.latents == "all":
+        latents = None
+    elif args.latents.isdigit():
+        latents = int(args.latents)
+    else:
+        raise ExplainError(f"--latents takes a number or 'all', got {args.latents!r}")
+    client = parse_explainer(
+        args.explainer, args.key_env, timeout=args.timeout, retries=args.retries
+    )
+    report = explain(args.suite, saes=[s for s in args.saes.split(",") if s.strip()] if args.saes else None,
+                     explainer=args.explainer, scorers=[s for s in args.scorers.split(",") if s.strip()],
+                     latents=latents, judge=args.judge, concurrency=args.concurrency, client=client)  # fmt: skip
+    print(report.summary())
+    return 0
+
+
+def _add_explain(sub: Any) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="label every live latent of a suite and score the labels (detection, fuzzing)",
+        description="Writes a label and its scores for every live latent into SUITE/features.db "
+        "(made by `lmscope interpret`). Resumable per latent: a rerun asks only for what is missing. "
+        "Explainers: `tokens` (built in: the tokens a latent fires on, the context before them and "
+        "the tokens it promotes) or openai:<base-url>#<model> (any OpenAI-compatible chat server; "
+        "the key comes from the environment variable --key-env). Scorers judge held-out contexts; "
+        "the judge is the LLM when one is given, else the built-in simulator.",
+    )
+    p.add_argument("suite", help="suite folder with a features.db")
+    p.add_argument("--saes", help="comma-separated SAE names or sites (default: every SAE)")
+    p.add_argument("--explainer", default="tokens",
+                   help="tokens or openai:<base-url>#<model> (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--scorers", default="detection,fuzzing", help="comma-separated (default: %(default)s)"
+    )
+    p.add_argument("--latents", default="all",
+                   help="the first N live latents of each SAE, or all (default: %(default)s)")  # fmt: skip
+    p.add_argument("--judge", choices=["simulator", "llm"], default=None,
+                   help="who scores: the LLM when an LLM explains, else the simulator")  # fmt: skip
+    p.add_argument(
+        "--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)"
+    )
+    p.add_argument("--key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)"
+    )
+    p.add_argument("--retries", type=int, default=4,
+                   help="retries on HTTP 429/5xx and dropped connections (default: %(default)s)")  # fmt: skip
+    p.set_defaults(func=_cmd_explain)
+
+
 def register(sub: Any) -> None:
-    """Add `interpret` to the `lmscope` parser."""
+    """Add `interpret` and `explain` to the `lmscope` parser."""
     p = sub.add_parser(
         "interpret",
         help="record top contexts, densities and logit lenses of every latent of a suite",
@@ -54,6 +109,7 @@ def register(sub: Any) -> None:
     p.add_argument("--per-band", type=int, default=5, help="samples per band (default: %(default)s)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.set_defaults(func=_cmd_interpret)
+    _add_explain(sub)
 
 
 __all__ = ["COMMANDS", "register"]

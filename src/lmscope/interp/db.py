@@ -22,7 +22,7 @@ from lmscope.atomic import temp_path
 from lmscope.interp.features import LatentStats
 
 FORMAT = "lmscope.features"
-VERSION = 1
+VERSION = 2  # 2: random-token samples, explanations and their scores
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,6 +41,9 @@ CREATE TABLE logits (sae INTEGER NOT NULL, idx INTEGER NOT NULL, sign INTEGER NO
 CREATE TABLE neighbours (sae INTEGER NOT NULL, idx INTEGER NOT NULL, relation TEXT NOT NULL,
     rank INTEGER NOT NULL, other_sae INTEGER NOT NULL, other_idx INTEGER NOT NULL,
     cosine REAL NOT NULL, PRIMARY KEY (sae, idx, relation, rank)) WITHOUT ROWID;
+CREATE TABLE samples (sae INTEGER NOT NULL, rank INTEGER NOT NULL, seq INTEGER NOT NULL,
+    pos INTEGER NOT NULL, token INTEGER NOT NULL, latents BLOB NOT NULL, acts BLOB NOT NULL,
+    PRIMARY KEY (sae, rank)) WITHOUT ROWID;
 CREATE TABLE sequences (id INTEGER PRIMARY KEY, tokens BLOB NOT NULL);
 CREATE TABLE vocab (id INTEGER PRIMARY KEY, text TEXT NOT NULL, norm TEXT NOT NULL);
 """
@@ -52,6 +55,19 @@ CREATE INDEX logits_by_token ON logits (token, sign);
 CREATE INDEX vocab_by_norm ON vocab (norm);
 """
 RELATIONS = ("same", "prev", "next")
+# Written by `lmscope explain` in place, a latent per transaction (so a killed run keeps what it
+# finished); created empty by interpret, and by explain in databases older than them.
+EXPLAIN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS explanations (sae INTEGER NOT NULL, idx INTEGER NOT NULL,
+    explainer TEXT NOT NULL, label TEXT NOT NULL, created TEXT NOT NULL,
+    PRIMARY KEY (sae, idx, explainer)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS scores (sae INTEGER NOT NULL, idx INTEGER NOT NULL,
+    explainer TEXT NOT NULL, scorer TEXT NOT NULL, judge TEXT NOT NULL, value REAL,
+    n INTEGER NOT NULL, PRIMARY KEY (sae, idx, explainer, scorer)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS scores_by_value ON scores (sae, scorer, value);
+CREATE VIRTUAL TABLE IF NOT EXISTS label_search USING fts5(label, sae UNINDEXED, idx UNINDEXED,
+    explainer UNINDEXED);
+"""
 
 
 def normalise_token(text: str) -> str:
@@ -75,7 +91,7 @@ class FeatureDBWriter:
         self.conn = sqlite3.connect(self.tmp)
         self.conn.execute("PRAGMA journal_mode = OFF")  # the temp file is all-or-nothing anyway
         self.conn.execute("PRAGMA synchronous = OFF")
-        self.conn.executescript(SCHEMA)
+        self.conn.executescript(SCHEMA + EXPLAIN_SCHEMA)
         self._token_ids: set[int] = set()  # every id an example or a logit list shows
         self._seqs: set[int] = set()  # sequences that examples point into
 
@@ -135,6 +151,19 @@ class FeatureDBWriter:
                      zip(_rows(lat, rank, act[rank, lat], seq, pos, token_id[rank, lat]), windows))  # fmt: skip
         rows.sort(key=lambda row: row[1:4])  # primary-key order
         self.conn.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def add_samples(self, sae_id: int, stats: LatentStats, seq_len: int) -> None:
+        """The SAE's random tokens, each with the latents firing there (int32 / float32 blobs)."""
+        sample = stats.sample
+        tokens = sample.token.tolist()
+        self._seqs.update(t // seq_len for t in tokens)
+        self.conn.executemany(
+            "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?)",
+            ((sae_id, r, t // seq_len, t % seq_len, i, lat.to("cpu", torch.int32).numpy().tobytes(),
+              act.to("cpu", torch.float32).numpy().tobytes())
+             for r, (t, i, lat, act) in enumerate(zip(tokens, sample.token_id.tolist(), sample.latents,
+                                                      sample.acts))),
+        )  # fmt: skip
 
     def add_lens(self, sae_id: int, up_v: Tensor, up_i: Tensor, down_v: Tensor, down_i: Tensor) -> None:  # fmt: skip
         for sign, values, ids in ((1, up_v, up_i), (-1, down_v, down_i)):

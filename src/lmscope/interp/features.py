@@ -15,6 +15,10 @@ largest keys). When the max grows past `R`, `E` rises by s: band b's interval be
 the bottom band absorbs the rest; a sample of a union is the top m keys of the parts' samples, so the
 shift is exact. The histogram uses the same range: `n_bins` linear bins over `[0, R)`, and doubling
 `R` merges bins pairwise, which is exact too.
+
+Random tokens (`TokenSample`): a uniform sample of the counted tokens, each with every latent's
+activation there (sparse), shared by all latents of the SAE. Explanation scorers draw their
+non-activating contexts from it: a latent's negatives are the sampled tokens where it is zero.
 """
 
 from __future__ import annotations
@@ -121,16 +125,18 @@ class StatsConfig:
     bands: int = 4  # activation bands, each a factor of 2 below the previous
     per_band: int = 5  # samples per band
     hist_bins: int = 32  # a power of two, so that doubling the range merges bins exactly
+    samples: int = 512  # random tokens kept with all their latents (negatives for explain scorers)
 
     def __post_init__(self) -> None:
         from lmscope.interp import InterpError
 
         if self.hist_bins < 2 or self.hist_bins & (self.hist_bins - 1):
             raise InterpError(f"hist_bins must be a power of two >= 2, got {self.hist_bins}")
-        if min(self.k, self.bands, self.per_band) < 1 or self.window < 0:
+        if min(self.k, self.bands, self.per_band) < 1 or self.window < 0 or self.samples < 0:
             raise InterpError(
-                f"k, bands and per_band must be >= 1 and window >= 0, got k={self.k}, "
-                f"bands={self.bands}, per_band={self.per_band}, window={self.window}"
+                f"k, bands and per_band must be >= 1, window and samples >= 0, got k={self.k}, "
+                f"bands={self.bands}, per_band={self.per_band}, window={self.window}, "
+                f"samples={self.samples}"
             )
 
     @property
@@ -157,6 +163,7 @@ class LatentStats:
         self.bands = [TopBuffer(cfg.per_band, d, cfg.width, device) for _ in range(cfg.bands)]
         self._gen = torch.Generator(device=device).manual_seed(seed)
         self._log2_bins = cfg.hist_bins.bit_length() - 1
+        self.sample = TokenSample(cfg.samples, device=device, seed=seed)
 
     @torch.no_grad()
     def update(self, f: Tensor, input_ids: Tensor, mask: Tensor, first_seq: int) -> None:
@@ -168,6 +175,7 @@ class LatentStats:
         counted = mask.to(f.device).reshape(-1)
         ids = input_ids.to(f.device).reshape(-1)
         self.tokens += int(counted.sum())
+        self.sample.offer(f, counted, ids, first_seq * T)
         row, j = f.nonzero(as_tuple=True)
         keep = counted[row]
         row, j = row[keep], j[keep]
@@ -243,3 +251,42 @@ def band_bounds(hist_top: float, band: int, n_bands: int) -> tuple[float, float]
     """The activation interval [lo, hi) of `band` for a latent whose range is [0, hist_top)."""
     hi = hist_top / 2**band
     return (0.0 if band == n_bands - 1 else hi / 2), hi
+
+
+class TokenSample:
+    """A uniform sample of `m` counted tokens (reservoir sampling by random keys), each with its
+    global token index, token id and the indices and values of the latents that fire there."""
+
+    def __init__(self, m: int, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.m = m
+        self.key = torch.empty(0, device=device)
+        self.token = torch.empty(0, dtype=torch.long, device=device)
+        self.token_id = torch.empty(0, dtype=torch.long, device=device)
+        self.latents: list[Tensor] = []  # per kept token: firing latent indices (ascending)
+        self.acts: list[Tensor] = []  # ... and their activations
+        # its own stream, so that the band samples do not depend on whether tokens are sampled
+        self._gen = torch.Generator(device=device).manual_seed(seed + 0x5EED)
+
+    def offer(self, f: Tensor, counted: Tensor, ids: Tensor, first_token: int) -> None:
+        """Fold in one block: `f` [rows, d], `counted` [rows], `ids` [rows], the block's first
+        global token index `first_token`."""
+        if self.m == 0:
+            return
+        rows = counted.nonzero().squeeze(1)
+        key = torch.rand(len(rows), generator=self._gen, device=f.device)
+        keys = torch.cat([self.key, key])
+        if len(keys) > self.m:
+            keep = keys.topk(self.m).indices.sort().values
+        else:
+            keep = torch.arange(len(keys), device=f.device)
+        n_old = len(self.key)
+        old, new = keep[keep < n_old], keep[keep >= n_old] - n_old
+        sub = f[rows[new]]
+        r, j = sub.nonzero(as_tuple=True)
+        cuts = torch.bincount(r, minlength=len(new)).tolist()
+        old_list = old.tolist()
+        self.latents = [self.latents[i] for i in old_list] + list(j.split(cuts))
+        self.acts = [self.acts[i] for i in old_list] + list(sub[r, j].split(cuts))
+        self.key = torch.cat([self.key[old], key[new]])
+        self.token = torch.cat([self.token[old], first_token + rows[new]])
+        self.token_id = torch.cat([self.token_id[old], ids[rows[new]]])

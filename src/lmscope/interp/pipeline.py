@@ -170,6 +170,7 @@ def interpret(
             prev, nxt = pairs[name]
             db.add_sae(ids[name], e, stats[name].tokens, ids.get(prev or ""), ids.get(nxt or ""))
             db.add_stats(ids[name], stats[name], suite.seq_len)
+            db.add_samples(ids[name], stats[name], suite.seq_len)
             _add_directions(db, model, ids, e, modules, pairs[name], cfg)
         db.set_meta({"suite": suite_fingerprint(suite), "model": suite.model, "corpus": suite.corpus,
                      "split": cfg.split, "seed": cfg.seed, "seq_len": suite.seq_len,

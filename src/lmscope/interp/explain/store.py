@@ -1,0 +1,107 @@
+"""Explanations and scores in `features.db` (tables `explanations`, `scores`, `label_search`;
+docs/formats.md, "Feature database").
+
+`lmscope explain` writes into the published database in place, one latent per transaction
+(SQLite's rollback journal makes each commit all-or-nothing, and readers see a latent's label and
+scores together or not at all). `lmscope interpret` builds a new database whole; `carry_over`
+copies the old one's explanations into it when both were made from the same suite with the same
+settings (so they describe the same records), and drops them otherwise.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lmscope.interp.db import EXPLAIN_SCHEMA, FORMAT
+
+# meta keys that must agree for an old database's explanations to hold for a new one
+SAME_RECORDS = ("suite", "corpus", "split", "seed", "seq_len", "tokens", "config")
+
+
+def open_rw(path: Path) -> sqlite3.Connection:
+    """A writable connection to a published database, with the explanation tables present."""
+    conn = sqlite3.connect(path, timeout=30)
+    conn.execute("PRAGMA journal_mode = DELETE")
+    conn.executescript(EXPLAIN_SCHEMA)
+    return conn
+
+
+def finished(conn: sqlite3.Connection, sae: int, explainer: str, scorers: Iterable[str]) -> dict[int, str]:  # fmt: skip
+    """Latents of `sae` that have `explainer`'s label and every score in `scorers`: index -> label."""
+    labels = dict(
+        conn.execute(
+            "SELECT idx, label FROM explanations WHERE sae = ? AND explainer = ?", (sae, explainer)
+        )
+    )
+    for scorer in scorers:
+        scored = {
+            i
+            for (i,) in conn.execute(
+                "SELECT idx FROM scores WHERE sae = ? AND explainer = ? AND scorer = ?",
+                (sae, explainer, scorer),
+            )
+        }
+        labels = {i: lab for i, lab in labels.items() if i in scored}
+    return labels
+
+
+def labelled(conn: sqlite3.Connection, sae: int, explainer: str) -> dict[int, str]:
+    return dict(conn.execute("SELECT idx, label FROM explanations WHERE sae = ? AND explainer = ?", (sae, explainer)))  # fmt: skip
+
+
+def put_label(conn: sqlite3.Connection, sae: int, idx: int, explainer: str, label: str) -> None:
+    """Store (or replace) a label; the caller commits."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    conn.execute(
+        "INSERT OR REPLACE INTO explanations VALUES (?, ?, ?, ?, ?)",
+        (sae, idx, explainer, label, now),
+    )
+    conn.execute(
+        "DELETE FROM label_search WHERE sae = ? AND idx = ? AND explainer = ?",
+        (sae, idx, explainer),
+    )
+    conn.execute("INSERT INTO label_search (label, sae, idx, explainer) VALUES (?, ?, ?, ?)", (label, sae, idx, explainer))  # fmt: skip
+
+
+def put_score(conn: sqlite3.Connection, sae: int, idx: int, explainer: str, scorer: str, judge: str,
+              value: float | None, n: int) -> None:  # fmt: skip
+    """Store a score over `n` judged items; `value` None (NULL) marks a latent that cannot be
+    scored (no held-out contexts of one kind), so that a rerun does not try it again. The caller
+    commits."""
+    conn.execute("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?)", (sae, idx, explainer, scorer, judge, value, n))  # fmt: skip
+
+
+def carry_over(old: Path, new: sqlite3.Connection) -> int:
+    """Copy the explanations and scores of the database at `old` into `new` (being written, its
+    meta and saes set) when both hold the same records; returns the labels copied."""
+    if not old.is_file():
+        return 0
+    try:
+        src = sqlite3.connect(f"{old.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return 0
+    try:
+        meta_old = dict(src.execute("SELECT key, value FROM meta").fetchall())
+        meta_new = dict(new.execute("SELECT key, value FROM meta").fetchall())
+        if meta_old.get("format") != FORMAT or any(
+            meta_old.get(k) != meta_new.get(k) for k in SAME_RECORDS
+        ):
+            return 0
+        saes_old = src.execute("SELECT id, name, d_sae FROM saes ORDER BY id").fetchall()
+        saes_new = new.execute("SELECT id, name, d_sae FROM saes ORDER BY id").fetchall()
+        if saes_old != saes_new:
+            return 0
+        expl = src.execute("SELECT * FROM explanations").fetchall()
+        scores = src.execute("SELECT * FROM scores").fetchall()
+    except sqlite3.Error:  # an older database without the tables, or not a database at all
+        return 0
+    finally:
+        src.close()
+    new.executemany("INSERT INTO explanations VALUES (?, ?, ?, ?, ?)", expl)
+    new.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?)", scores)
+    new.executemany("INSERT INTO label_search (label, sae, idx, explainer) VALUES (?, ?, ?, ?)",
+                    [(lab, s, i, e) for s, i, e, lab, _ in expl])  # fmt: skip
+    return len(expl)

@@ -1,0 +1,173 @@
+"""`explain` with the built-in explainer and simulator on the tiny suite: every live latent gets a
+label and both scores, scored only on contexts its explainer never saw, and reruns resume."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from interp_support import Interpreted
+
+from lmscope.interp.explain import ExplainError
+from lmscope.interp.explain.records import Context, Corpus, Latent, SaeData, load_sae
+from lmscope.interp.explain.run import explain
+from lmscope.interp.explain.scorers import (
+    SimulatorJudge,
+    balanced_accuracy,
+    detection_items,
+    fuzzing_items,
+    score,
+)
+from lmscope.interp.explain.simulator import Rule, parse_label, render
+from lmscope.interp.explain.tokens import TokensExplainer
+from lmscope.suite import Suite
+
+
+@pytest.fixture()
+def suite(interpreted: Interpreted, tmp_path: Path) -> Suite:
+    shutil.copytree(interpreted.suite.path, tmp_path / "suite")
+    return Suite.open(tmp_path / "suite")
+
+
+def _rows(suite: Suite, sql: str) -> list[tuple]:
+    with sqlite3.connect(suite.features_db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_every_live_latent_gets_a_tokens_label_and_both_scores(suite: Suite) -> None:
+    report = explain(suite, progress=False)
+    live = _rows(suite, "SELECT sae, idx FROM features WHERE n_fire > 0")
+    labels = dict(
+        ((s, i), lab) for s, i, lab in _rows(suite, "SELECT sae, idx, label FROM explanations")
+    )
+    assert set(labels) == set(live) and report.labelled == len(live) > 50
+    for scorer in ("detection", "fuzzing"):
+        scored = {(s, i): v for s, i, v in _rows(suite, f"SELECT sae, idx, value FROM scores WHERE scorer = '{scorer}'")}  # fmt: skip
+        assert set(scored) == set(live)
+        values = [v for v in scored.values() if v is not None]
+        assert len(values) > 0.8 * len(live) and all(0.0 <= v <= 1.0 for v in values)
+    # labels are rules the simulator can read, naming tokens
+    assert all(
+        parse_label(lab).tokens is None or parse_label(lab).tokens for lab in labels.values()
+    )
+
+
+def test_scored_contexts_are_held_out_and_fire_or_not_as_the_sae_says(interpreted: Interpreted, suite: Suite) -> None:  # fmt: skip
+    T = interpreted.ids.shape[1]
+    conn = sqlite3.connect(suite.features_db)
+    corpus = Corpus(conn)
+    checked = 0
+    for sae_id, name in conn.execute("SELECT id, name FROM saes").fetchall():
+        f = (interpreted.latents[name] * interpreted.mask[..., None]).reshape(-1, interpreted.latents[name].shape[-1])  # fmt: skip
+        data = load_sae(conn, corpus, sae_id, name)
+        for lat in data.latents:
+            shown = {c.where for c in lat.shown}
+            assert shown and not shown & {c.where for c in lat.held}
+            for c in lat.shown + lat.held:
+                seq, pos = c.where
+                assert float(f[seq * T + pos, lat.index]) == pytest.approx(c.act) and c.act > 0
+                assert list(c.ids) == interpreted.ids[seq, max(0, pos - 3) : pos + 1].tolist()
+            held_texts = {tuple(corpus.text(t) for t in c.ids) for c in lat.held}
+            items = detection_items(lat, data, corpus.text)
+            assert sum(it.truth for it in items) == len(lat.held)
+            assert sum(not it.truth for it in items) <= len(lat.held)
+            for it in items:
+                if it.truth:
+                    assert tuple(it.texts) in held_texts
+            silent = [c for c, fired in zip(data.pool, data.pool_latents) if lat.index not in fired]
+            for c in silent:
+                seq, pos = c.where
+                assert float(f[seq * T + pos, lat.index]) == 0.0
+            for it in fuzzing_items(lat, corpus.text):
+                assert it.truth or it.marked  # random highlights differ from the right ones
+            checked += 1
+    assert checked > 50
+    conn.close()
+
+
+def test_a_rerun_labels_nothing_twice_and_finishes_what_was_left(suite: Suite) -> None:
+    first = explain(suite, latents=3, progress=False)
+    n_saes = len(suite.names)
+    assert first.labelled == 3 * n_saes
+    labels = _rows(suite, "SELECT sae, idx, label, created FROM explanations")
+    second = explain(suite, progress=False)
+    assert second.skipped == 3 * n_saes
+    live = _rows(suite, "SELECT COUNT(*) FROM features WHERE n_fire > 0")[0][0]
+    assert second.labelled == live - 3 * n_saes
+    after = set(_rows(suite, "SELECT sae, idx, label, created FROM explanations"))
+    assert set(labels) <= after  # the first run's labels were kept as they were
+    assert explain(suite, progress=False).labelled == 0
+
+
+def _synthetic() -> tuple[SaeData, dict[int, str]]:
+    """An SAE of two latents over a made-up vocabulary: latent 0 fires on "Paris" or "Rome" after
+    "in", latent 1 on every "(" whatever precedes it; random tokens are the other words."""
+    words = ["in", "Paris", "Rome", " the", "(", "x", "cat", "sat", "on", "mat", "run", "=", "in"]
+    vocab = dict(enumerate(words))
+    rng = random.Random(0)
+    ordinary = [3, 5, 6, 7, 8, 9, 10, 11]
+
+    def ctx(last: int, before: list[int], act: float, k: int) -> Context:
+        ids = (*before, last)
+        return Context(ids, act, tuple([0.0] * len(before) + [act]), (k, len(before)))
+
+    def filler(n: int) -> list[int]:
+        return [rng.choice(ordinary) for _ in range(n)]
+
+    k = iter(range(10_000))
+    paris = [ctx(rng.choice([1, 2]), [*filler(3), 0], 5.0 - i / 10, next(k)) for i in range(24)]
+    paren = [ctx(4, filler(4), 3.0 - i / 10, next(k)) for i in range(24)]
+    baseline = [
+        ctx(t, filler(4), 0.0, next(k)) for t in filler(60) + [1, 2, 1, 2]
+    ]  # silent "Paris" too
+    baseline += [
+        ctx(t, [0, *filler(3)], 0.0, next(k)) for t in filler(6)
+    ]  # "in" before other words
+    pool = [ctx(t, filler(4), 0.0, next(k)) for t in filler(60)] + [ctx(2, [*filler(3), 3], 0.0, next(k))]  # fmt: skip
+    latents = [Latent(0, 0, 0.01, 5.0, paris[::2], paris[1::2], [1]), Latent(0, 1, 0.01, 3.0, paren[::2], paren[1::2])]  # fmt: skip
+    none = np.zeros(0, dtype=np.int32)
+    return SaeData(0, "syn", latents, baseline, [none] * len(baseline), pool, [none] * len(pool)), vocab  # fmt: skip
+
+
+def test_the_tokens_label_names_the_firing_tokens_and_their_context() -> None:
+    data, vocab = _synthetic()
+    ex = TokensExplainer(data, vocab.__getitem__)
+    labels = [ex.explain(lat) for lat in data.latents]
+    assert labels[0].startswith('"Paris", "Rome" after "in"') or labels[0].startswith('"Rome", "Paris" after "in"')  # fmt: skip
+    assert labels[0].endswith('· promotes "Paris"')
+    assert labels[1] == '"("'
+    judge = SimulatorJudge()
+    for lat, own, other in zip(data.latents, labels, labels[::-1]):
+        items = detection_items(lat, data, vocab.__getitem__)
+        assert len(items) == 24  # 12 held-out firing contexts, 12 silent random tokens
+        assert score("detection", judge, own, items) == 1.0
+        assert score("detection", judge, other, items) == 0.5  # another latent's label: chance
+        fuzz = fuzzing_items(lat, vocab.__getitem__)
+        assert score("fuzzing", judge, own, fuzz) > score("fuzzing", judge, other, fuzz)
+
+
+def test_labels_round_trip_through_the_simulator() -> None:
+    label = render(["Paris", "\n", 'say "hi"'], ["in"], ["France"])
+    assert label == '"Paris", "\\n", "say \\"hi\\"" after "in" · promotes "France"'
+    rule = parse_label(label)
+    assert rule == Rule(frozenset({"paris", "\n", 'say "hi"'}), frozenset({"in"}))
+    assert rule.fires(["We", " live", " in", " paris"]) and not rule.fires(
+        ["We", " live", " paris"]
+    )
+    assert parse_label('any token after "("').fires(["(", "x"])
+    assert parse_label("Fires on city names like Paris").fires([" Paris"])
+    assert balanced_accuracy([True, True, False, False], [True, False, False, False]) == 0.75
+    assert balanced_accuracy([True], [True]) is None
+
+
+def test_bad_choices_are_one_line_errors(suite: Suite) -> None:
+    with pytest.raises(ExplainError, match="valid: tokens"):
+        explain(suite, explainer="gpt", progress=False)
+    with pytest.raises(ExplainError, match="valid: detection, fuzzing"):
+        explain(suite, scorers=["recall"], progress=False)
+    with pytest.raises(ExplainError, match="positive"):
+        explain(suite, latents=0, progress=False)
