@@ -270,7 +270,13 @@ def _interpret(cfg: BuildConfig, root: Path, model: _Model, progress: bool) -> N
     i = cfg["interpret"]
     ic = InterpretConfig(tokens=i["tokens"], batch_size=i["batch_size"], seed=cfg["data"]["seed"],
                          stats=StatsConfig(k=i["k"], window=i["window"]))  # fmt: skip
-    interpret(Suite.open(root), ic, loaded=model.loaded, progress=progress)
+    suite = Suite.open(root)
+    interpret(suite, ic, loaded=model.loaded, progress=progress)
+    # every built scope has labels: the built-in explainer and the simulator's scores
+    from lmscope.interp.explain.run import explain
+
+    report = explain(suite, progress=progress)
+    _say(progress, f"explain: {report.summary()}")
 
 
 def _report(cfg: BuildConfig, root: Path, model: _Model, progress: bool) -> None:

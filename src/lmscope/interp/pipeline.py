@@ -22,6 +22,7 @@ from lmscope.activations.harvest import read_sites
 from lmscope.data import TokenBatches, TokenBlock
 from lmscope.interp import InterpError
 from lmscope.interp.db import FeatureDBWriter
+from lmscope.interp.explain.store import carry_over
 from lmscope.interp.features import LatentStats, StatsConfig
 from lmscope.interp.lens import logit_lens, nearest, residual_directions
 from lmscope.model import LoadedModel, SiteModel
@@ -176,6 +177,8 @@ def interpret(
                      "split": cfg.split, "seed": cfg.seed, "seq_len": suite.seq_len,
                      "tokens": cfg.tokens, "config": json.dumps(asdict(cfg)),
                      "created": datetime.now(UTC).isoformat(timespec="seconds")})  # fmt: skip
+        # same suite and settings, so the same records: the old database's labels still hold
+        carry_over(suite.features_db, db.conn)
         return db.finish(lambda token_ids: [str(loaded.tokenizer.decode([i])) for i in token_ids])
 
 
