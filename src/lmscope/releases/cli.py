@@ -49,6 +49,14 @@ def _cmd_export_features(args: argparse.Namespace) -> int:
                              limit=args.limit)  # fmt: skip
     print(f"wrote Neuronpedia export of {out['features']} features "
           f"({out['activations']} activations) to {out['path']}")  # fmt: skip
+    if args.check:
+        from lmscope.errors import ConfigError
+        from lmscope.releases.neuronpedia import validate_export
+
+        n, errors = validate_export(out["path"])
+        print(f"checked {n} features against Neuronpedia's schema: {len(errors)} schema errors")
+        if errors:
+            raise ConfigError(f"the export breaks Neuronpedia's schema, first: {errors[0]}")
     return 0
 
 
@@ -85,4 +93,5 @@ def register(sub: Any) -> None:
     p.add_argument("--source-set", default="lmscope", help="source set name (default: %(default)s)")
     p.add_argument("--saes", help="comma-separated SAE names or sites (default: all interpreted)")
     p.add_argument("--limit", type=int, default=None, help="at most this many features per SAE")
+    p.add_argument("--check", action="store_true", help="validate the export against the schema")
     p.set_defaults(func=_cmd_export_features)
