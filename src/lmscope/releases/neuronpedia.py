@@ -89,7 +89,8 @@ def export_neuronpedia(suite: Any, out: str | Path, *, model_id: str | None = No
     mid = (model_id or suite.model.rsplit("/", 1)[-1]).lower()
     now = datetime.now(UTC).isoformat(timespec="seconds")
     names = [suite.resolve(k) for k in saes] if saes else suite.names
-    counts = {"features": 0, "activations": 0, "explanations": 0, "path": str(Path(out) / mid)}
+    counts: dict[str, Any] = {"features": 0, "activations": 0, "explanations": 0,
+                              "path": str(Path(out) / mid)}  # fmt: skip
     for name in names:
         e = suite.entry(name)
         tag = KIND_TAGS.get(e["kind"], e["kind"].replace("_", "-"))
@@ -180,7 +181,7 @@ def _activations(rec: Any, mid: str, sid: str) -> list[dict[str, Any]]:
 
 def _check(value: Any, spec: dict[str, Any], where: str, errors: list[str]) -> None:
     """A JSON Schema subset (type, enum, required, properties, items, additionalProperties)."""
-    kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
+    kinds: dict[str, Any] = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
              "object": dict, "array": list, "null": type(None)}  # fmt: skip
     if "enum" in spec and value not in spec["enum"]:
         errors.append(f"{where}: {value!r} not in {spec['enum']}")
@@ -210,7 +211,8 @@ def _check(value: Any, spec: dict[str, Any], where: str, errors: list[str]) -> N
 def validate_export(path: str | Path) -> tuple[int, list[str]]:
     """(features checked, errors) for an export folder: every row against the schema, plus
     equal-length histogram and logit arrays and activations that point at exported features."""
-    defs, errors, n = schema(), [], 0
+    defs, n = schema(), 0
+    errors: list[str] = []
     tables = {"model": "Model", "release": "SourceRelease", "sourceset": "SourceSet", "source": "Source"}  # fmt: skip
     for src in sorted(p for p in Path(path).rglob("source.jsonl")):
         root = src.parent
