@@ -65,8 +65,12 @@ def _add_corpus_flags(p: argparse.ArgumentParser) -> None:
 
 def _cmd_harvest(args: argparse.Namespace) -> int:
     from lmscope.activations.harvest import HarvestConfig
+    from lmscope.activations.store import ActivationStore
     from lmscope.distributed import harvest_parts, session
+    from lmscope.outputs import claim_dir
 
+    claim_dir(args.out, owned=lambda p: ActivationStore.exists(str(p)), command="harvest",
+              can_force=False)  # fmt: skip
     cfg = HarvestConfig(
         model=args.model,
         sites=args.sites,

@@ -17,17 +17,19 @@ from __future__ import annotations
 import ctypes
 import itertools
 import queue
+import shutil
 import sys
 import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from lmscope.activations.store import ActivationStore, StoreWriter
+from lmscope.activations.store import DTYPES, ActivationStore, StoreWriter
 from lmscope.data import TokenBatches, TokenBlock, corpus_fingerprint
 from lmscope.errors import CorpusError, StoreError
 from lmscope.model import LoadedModel, SiteModel, load_model, parse_sites
@@ -49,6 +51,36 @@ class HarvestConfig:
     model_dtype: str = "float32"
     device: str | None = None
     shard_rows: int = 8192
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_size", "shard_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise StoreError(f"harvest {name} must be a positive integer, got {getattr(self, name)!r}")  # fmt: skip
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise StoreError(f"harvest seq_len must be at least 2 (BOS and one token), got {self.seq_len!r}")  # fmt: skip
+        if self.split not in ("train", "eval"):
+            raise StoreError(f"harvest split must be train or eval, got {self.split!r}")
+        if self.dtype not in DTYPES:
+            raise StoreError(f"unknown store dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")  # fmt: skip
+
+
+def check_feasible(cfg: HarvestConfig, model: SiteModel, out: str, dims: list[int]) -> None:
+    """Refuse, before any file is written, a harvest the model or the disk cannot hold."""
+    context = getattr(model.loaded.model.config, "max_position_embeddings", None)
+    if context and cfg.seq_len > context:
+        raise StoreError(f"seq_len {cfg.seq_len:,} is beyond {model.loaded.name}'s context of {context:,} tokens")  # fmt: skip
+    need = cfg.tokens * (sum(dims) * DTYPES[cfg.dtype].itemsize + 24)  # + token id, seq, pos
+    if "://" in out:
+        return
+    where = Path(out).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise StoreError(
+            f"{cfg.tokens:,} tokens × {len(dims)} sites need {need / 1e9:,.1f} GB of disk for the "
+            f"store; {where} has {free / 1e9:,.1f} GB free: ask for fewer --tokens or sites"
+        )
 
 
 def read_sites(
@@ -185,6 +217,9 @@ def harvest(
     sites = parse_sites(cfg.sites, model.n_layers)
     names = [str(s) for s in sites]
     first, stop = block_range or (0, None)
+    dims = [model.site_dim(s) for s in sites]
+    if not ActivationStore.exists(out):  # a rerun of a finished store needs no room
+        check_feasible(cfg, model, out, dims)
     writer = StoreWriter(
         out,
         sites={str(s): model.site_dim(s) for s in sites},
@@ -198,7 +233,15 @@ def harvest(
         expect_rows=None if block_range else cfg.tokens,  # what `_blocks` trims the run to
     )
     if writer.complete:
-        return ActivationStore(out)
+        done_store = ActivationStore(out)
+        held = done_store.expect_rows or done_store.rows
+        if block_range is None and held != cfg.tokens:
+            raise StoreError(
+                f"the store at {out} is complete with {done_store.rows:,} tokens, harvested for "
+                f"{held:,}; you asked {cfg.tokens:,}: harvest into a new --out"
+            )
+        done_store.verify()  # a rerun is how a user checks a store: look at every shard
+        return done_store
     todo = None if stop is None else max(stop - first - writer.blocks_done, 0)
     batches = token_batches(cfg, loaded, skip_blocks=first + writer.blocks_done)
     bar = tqdm(

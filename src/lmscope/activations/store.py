@@ -38,6 +38,9 @@ TOKENS, SEQUENCES, ROW = "tokens", "sequences", "row"
 _RESERVED = {TOKENS, SEQUENCES, ROW, "manifest.json"}
 Shard = dict[str, Any]  # {"file": path relative to the root, "rows": int, "<checksum>": hex digest}
 CHECKSUMS = ("sha256", "crc32", "xxh3_64")  # sha256 is the default; xxh3_64 is ~50x cheaper
+# What `iter_batches` may hold in its shuffle buffer by default. It was 10⁶ rows whatever the sites:
+# the quick build's 54 sites then held its whole 6.6 GB store in memory while training.
+SHUFFLE_BYTES = 1 << 30
 
 
 def _now() -> str:
@@ -271,7 +274,29 @@ class _Files:
         if m.get("format") != FORMAT or m.get("version") != VERSION:
             got = f"{m.get('format')} v{m.get('version')}"
             raise StoreError(f"{self.url} holds {got}, not an {FORMAT} v{VERSION} store")
+        self._check_rows(m)
         return m
+
+    def _check_rows(self, m: dict[str, Any]) -> None:
+        """Every stream's shards must hold the rows the manifest counts: a wrong ``rows`` would make
+        means, norms and row ranges silently wrong."""
+        try:
+            streams = {**{f"site {s}": v for s, v in m["sites"].items()}, "tokens": m[TOKENS]}
+            counts = {k: sum(int(sh["rows"]) for sh in v["shards"]) for k, v in streams.items()}
+            seqs = sum(int(sh["rows"]) for sh in m[SEQUENCES]["shards"])
+            rows, n_seqs = int(m["rows"]), int(m[SEQUENCES]["rows"])
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"manifest.json of the store at {self.url} is malformed") from None
+        counts_seq = {"sequences": (seqs, n_seqs)}
+        for what, (held, said) in {
+            **{k: (c, rows) for k, c in counts.items()},
+            **counts_seq,
+        }.items():
+            if held != said:
+                raise StoreError(
+                    f"manifest.json of the store at {self.url} says {said:,} rows "
+                    f"but the {what} shards hold {held:,}: the manifest is corrupt; re-harvest"
+                )
 
     def _open(self, path: str) -> IO[bytes]:
         # Plain files for local paths: fsspec's local wrapper has no readinto.
@@ -410,7 +435,7 @@ class StoreWriter(_Files):
                       for s, d in self.sites.items()},
             TOKENS: {"columns": ["token_id", "sequence", "position"], "shards": []},
             SEQUENCES: {"rows": 0, "seq_len": None, "shard_rows": None, "shards": []},
-            "meta": self.meta,
+            "meta": self.meta, "expect_rows": self.expect_rows,
         }  # fmt: skip
 
     def _check_matches(self, m: dict[str, Any]) -> None:
@@ -587,6 +612,19 @@ class ActivationStore(_Files):
         self.meta: dict[str, Any] = m["meta"]
         self.sites: list[str] = list(m["sites"])
         self.n_sequences: int = m[SEQUENCES]["rows"]
+        self.expect_rows: int | None = m.get("expect_rows")  # what the harvest asked for, if known
+
+    @staticmethod
+    def exists(url: str) -> bool:
+        """Whether ``url`` holds a store's manifest (complete or not)."""
+        fs, root = fsspec.core.url_to_fs(url)
+        return bool(fs.exists(f"{root.rstrip('/')}/manifest.json"))
+
+    def verify(self) -> None:
+        """Read every shard and check its checksum (StoreError naming the first bad one)."""
+        streams = [*self._m["sites"].values(), self._m[TOKENS], self._m[SEQUENCES]]
+        for shard in (sh for sec in streams for sh in sec["shards"]):
+            self._read(shard)
 
     def _site(self, site: str) -> dict[str, Any]:
         if site not in self._m["sites"]:
@@ -644,7 +682,7 @@ class ActivationStore(_Files):
         batch_size: int,
         *,
         seed: int = 0,
-        shuffle_buffer: int = 1_000_000,
+        shuffle_buffer: int | None = None,
         loop: bool = False,
         start_batch: int = 0,
         verify: bool = True,
@@ -654,7 +692,8 @@ class ActivationStore(_Files):
         global row index under "row" if `return_rows`).
 
         Each epoch visits the shards in a seed-given order, in groups of up to `shuffle_buffer`
-        rows, and permutes each group: every row comes once per epoch; without `loop` the last
+        rows (default: as many as fit in `SHUFFLE_BYTES` for these sites, at least one shard), and
+        permutes each group: every row comes once per epoch; without `loop` the last
         batch may be short. `start_batch=k` yields exactly what the k-th batch on would have been,
         reading only the shards needed from there. Shard checksums are checked unless `verify`
         is False (once per file version and store object)."""
@@ -663,6 +702,9 @@ class ActivationStore(_Files):
         if not sites or batch_size < 1 or self.rows == 0:
             got = f"sites {list(sites)}, batch_size {batch_size}, {self.rows} rows"
             raise StoreError(f"iter_batches needs sites, batch_size >= 1 and rows; got {got}")
+        if shuffle_buffer is None:  # the buffer holds a group of every site: bound its bytes
+            row_bytes = sum(self.d(s) for s in sites) * DTYPES[self.dtype].itemsize
+            shuffle_buffer = max(1, SHUFFLE_BYTES // row_bytes)
         args = (batch_size, seed, shuffle_buffer, loop, start_batch, verify, return_rows)
         return self._batches(list(sites), *args)
 
