@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lmscope.activations.harvest import read_sites
 from lmscope.data import TokenBatches, TokenBlock
-from lmscope.errors import CorpusError, SAEError
+from lmscope.errors import ConfigError, CorpusError, SAEError
 from lmscope.evals.metrics import (
     DENSE_THRESHOLD,
     LossStats,
@@ -56,6 +56,17 @@ class EvalConfig:
     dense_threshold: float = DENSE_THRESHOLD
     fast: bool = True  # False: the full-forward reference
     progress: bool = True  # a bar over (block, SAE) splices, with tokens/s
+
+    def __post_init__(self) -> None:
+        # a non-positive count evaluates nothing and writes NaN metrics; refuse it up front
+        for name, low in (("tokens", 1), ("batch_size", 1), ("recon_tokens", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"eval {name} must be an integer >= {low}, got {v!r}")
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 2):
+            raise ConfigError(f"eval seq_len must be an integer >= 2, got {self.seq_len!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
     def with_defaults(self, corpus: str, seq_len: int) -> EvalConfig:
         """This config with `corpus` and `seq_len` filled in where unset."""
@@ -152,22 +163,64 @@ def evaluate_saes(
     seq_len = max(b.input_ids.shape[1] for b in blocks)
     plans = [_plan(sm, name, sae, seq_len) for name, sae in saes.items()]
     n_tokens = sum(b.n_tokens for b in blocks)
-    bar = tqdm(total=len(blocks) * len(plans), unit="splice", desc=f"eval {len(plans)} SAEs on {n_tokens:,} tokens",
-               disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
-    seen = 0
+    recon_only = _recon_only(blocks, cfg)
+    costs = [block_cost(sm, plans, b, r, cfg.fast) for b, r in zip(blocks, recon_only)]
+    # The bar counts estimated work, not splices: the loss blocks carry every splice and
+    # unembedding, and counting them like recon-only blocks made the ETA 8× too long.
+    bar = tqdm(total=round(sum(costs), 3), desc=f"eval {len(plans)} SAEs on {n_tokens:,} tokens",
+               disable=not cfg.progress, dynamic_ncols=True, unit="work",
+               bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}]")  # fmt: skip
     with torch.inference_mode(), bar:
-        for block in blocks:
-            if seen >= cfg.tokens and cfg.recon_tokens > cfg.tokens:  # past the loss tokens
+        for block, recon, cost in zip(blocks, recon_only, costs):
+            if recon:  # past the loss tokens
                 _recon_block(sm, plans, block)
-                bar.update(len(plans))
+                bar.update(cost)
             else:
-                (_fast_block if cfg.fast else _reference_block)(sm, plans, block, bar.update)
-            seen += block.n_tokens
+                tick = _ticker(bar, cost / len(plans))
+                (_fast_block if cfg.fast else _reference_block)(sm, plans, block, tick)
     results = {}
     for p in plans:
         scalars, arrays = summarise(p.recon, p.loss, dense_threshold=cfg.dense_threshold)
         results[p.name] = EvalResult(p.name, str(p.site), scalars, arrays)
     return results
+
+
+def _ticker(bar: Any, per_splice: float) -> Callable[[int], Any]:
+    return lambda n: bar.update(n * per_splice)
+
+
+def _recon_only(blocks: list[TokenBlock], cfg: EvalConfig) -> list[bool]:
+    """Per block: True once the loss tokens are covered (reconstruction statistics only)."""
+    out, seen = [], 0
+    for b in blocks:
+        out.append(seen >= cfg.tokens and cfg.recon_tokens > cfg.tokens)
+        seen += b.n_tokens
+    return out
+
+
+def block_cost(sm: SiteModel, plans: list[_Plan], block: TokenBlock, recon_only: bool,
+               fast: bool = True) -> float:  # fmt: skip
+    """Estimated multiply-adds (in units of 10⁹) to evaluate `plans` on `block`: layers run × the
+    tokens through them × a layer's weights, the unembedding (vocab × d per loss row) and each
+    SAE's encoder and decoder at every position."""
+    params = sum(p.numel() for p in sm.model.parameters())
+    vocab_d = sm.unembedding.numel()
+    layer = max(params - vocab_d, 0) / max(sm.n_layers, 1)  # an (approximate) layer's weights
+    positions = block.input_ids.numel()
+    saes = positions * sum(p.sae.W_enc.numel() + p.sae.W_dec.numel() for p in plans)
+    if recon_only:
+        deepest = max(max(p.site.layer, p.out.layer) for p in plans)
+        return (positions * (deepest + 1) * layer + saes) / 1e9
+    rows = int((block.mask[:, :-1] & block.mask[:, 1:]).sum())
+    full = positions * sm.n_layers * layer
+    if not fast:  # two full forwards with logits at every position per SAE
+        return ((1 + 2 * len(plans)) * (full + positions * vocab_d) + saes) / 1e9
+
+    def tail(out: Site) -> float:  # run from the output site's layer, then unembed the loss rows
+        return positions * (sm.n_layers - out.layer) * layer + rows * vocab_d
+
+    zero = sum(tail(out) for out in dict.fromkeys(p.out for p in plans))
+    return (full + rows * vocab_d + zero + sum(tail(p.out) for p in plans) + saes) / 1e9
 
 
 def _loss_rows(block: TokenBlock, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
