@@ -245,6 +245,11 @@ def _train(cfg: BuildConfig, root: Path, model: _Model, progress: bool) -> None:
     else:
         data = store_data(ActivationStore(str(root / "store")), sites, tc.batch_size, seed=tc.seed)
     folders = train_suite(specs, data, tc, root, resume=True)
+    if tc.kl_tokens > 0:  # the KL phase: each SAE spliced into the model (lmscope.train.finetune)
+        from lmscope.train.finetune import finetune_suite
+
+        finetune_suite(model.loaded, folders, tc, corpus=d["corpus"], seq_len=d["seq_len"],
+                       resume=True)  # fmt: skip
     record_training(root, folders, model=m["name"], corpus=d["corpus"], seq_len=d["seq_len"],
                     model_dtype=m["dtype"])  # fmt: skip
 

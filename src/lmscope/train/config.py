@@ -37,6 +37,7 @@ from lmscope.errors import ConfigError
 ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu", "jumprelu_transcoder")
 SITE_KINDS = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 NORMALISATIONS = ("centred", "second_moment")
+DEAD_LOSSES = ("none", "auxk", "preact")  # lmscope.train.dead
 _SITE_RE = re.compile(r"^L(\d+)\.([a-z_]+)$")
 
 
@@ -170,6 +171,21 @@ class TrainConfig:
     # answers within tens of steps. 0 turns it off (λ control alone).
     l0_theta_gain: float = 0.01
     dead_after_tokens: int = 10_000_000  # a latent is dead if it has not fired for this many rows
+    # JumpReLU family: an auxiliary loss on dead latents (lmscope.train.dead): "auxk" (dead
+    # latents reconstruct the residual, k_aux of them per row; 0 → d/2), "preact" (push their
+    # pre-activations up to θ) or "none". TopK/BatchTopK always use AuxK.
+    dead_loss: str = "none"
+    dead_coeff: float = 1 / 32
+    dead_k_aux: int = 0
+    # The KL phase after the MSE phase (lmscope.train.finetune; `lmscope build` runs it): each SAE
+    # spliced in, loss = KL(clean ‖ spliced) + kl_mse_coeff·MSE, over kl_tokens train tokens in
+    # batches of kl_batch_size sequences; the KL over each token's top kl_top_k clean next tokens
+    # (their union over the batch) plus a tail bucket. 0 tokens: no KL phase.
+    kl_tokens: int = 0
+    kl_batch_size: int = 4
+    kl_lr: float = 1e-4
+    kl_mse_coeff: float = 1.0
+    kl_top_k: int = 64
     checkpoint_every: int = 10_000  # steps; 0 → only on signals and at max_steps
     log_every: int = 100
     max_steps: int | None = None  # stop early (with a checkpoint): time-boxing, tests
@@ -181,6 +197,10 @@ class TrainConfig:
         if self.normalise not in NORMALISATIONS:
             raise ConfigError(
                 f"unknown normalise {self.normalise!r}; valid: {', '.join(NORMALISATIONS)}"
+            )
+        if self.dead_loss not in DEAD_LOSSES:
+            raise ConfigError(
+                f"unknown dead_loss {self.dead_loss!r}; valid: {', '.join(DEAD_LOSSES)}"
             )
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"training dtype must be float32 or float64, got {self.dtype!r}")

@@ -43,6 +43,7 @@ class StepOut:
     grad_b_dec: Tensor  # [d_out]
     grad_threshold: Tensor  # [d_sae]
     fire_counts: Tensor  # [d_sae] int64: rows of the batch on which each latent fired
+    x_hat: Tensor | None = None  # [B, d_out] the reconstruction (the dead-latent loss's residual)
 
     def grads(self) -> dict[str, Tensor]:
         """Gradients keyed by parameter name, e.g. `p.grad = out.grads()[name]`."""
@@ -141,6 +142,7 @@ def jumprelu_step_grads(
         grad_b_dec=grad_b_dec,
         grad_threshold=grad_threshold,
         fire_counts=torch.bincount(lat[active], minlength=W),
+        x_hat=x_hat,
     )
 
 

@@ -28,6 +28,7 @@ from lmscope.errors import ConfigError, LmscopeError
 from lmscope.sae import SAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, build_sae, save_sae
 from lmscope.train import checkpoint as ck
 from lmscope.train.config import SAESpec, TrainConfig, check_unique
+from lmscope.train.dead import add_dead_latent_grads
 from lmscope.train.schedules import L0Controller, capped_warmup, lambda_scale, lr_scale
 
 try:  # the sparse-aware JumpReLU step; written separately, optional
@@ -216,6 +217,8 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         if self.fast and self.prev_l0 <= cfg.fast_max_density * sae.cfg.d_sae:
             loss, mse, l0, fires = self._fast_grads(x, lam)
+            assert self.grads is not None and self.grads.x_hat is not None
+            self._dead_grads(x, t, self.grads.x_hat)
             if self.sync is not None:
                 self.sync.grads(list(sae.parameters()))
             self.opt.step()
@@ -234,6 +237,7 @@ class _Run:
                 **kw,
             )
             out.loss.backward()
+            self._dead_grads(x, t, out.x_hat)
             if self.sync is not None:
                 self.sync.grads(list(sae.parameters()))
             loss, mse, l0, fires = out.loss, out.mse, out.l0, (out.f != 0).sum(0)
@@ -254,6 +258,16 @@ class _Run:
         if self.ctl is not None:
             self.ctl.update(vals[2])
             self._steer_thresholds(vals[2], fires)
+
+    def _dead_grads(self, x: Tensor, t: Tensor, x_hat: Tensor) -> None:
+        """JumpReLU family: the dead-latent loss (``cfg.dead_loss``, lmscope.train.dead)."""
+        cfg = self.cfg
+        if self.topk or cfg.dead_loss == "none" or not hasattr(self.sae, "threshold"):
+            return
+        dead = self.since_fire >= cfg.dead_after_tokens
+        k_aux = cfg.dead_k_aux or max(1, self.sae.cfg.out_dim // 2)
+        add_dead_latent_grads(self.sae, x, (t - x_hat).detach(), dead, kind=cfg.dead_loss,
+                              coeff=cfg.dead_coeff, k_aux=k_aux)  # fmt: skip
 
     def _steer_thresholds(self, l0: float, fires: Tensor) -> None:
         """Target-L0 mode, JumpReLU family: move θ towards L0* (see config).
