@@ -14,7 +14,7 @@ from lmscope.circuits.export import graph_json, load_graph, save_graph
 from lmscope.circuits.frozen import Frozen
 from lmscope.circuits.graph import Graph, attribute, build_graph, select_logits
 from lmscope.circuits.prune import Pruned, influence, node_influence, normalise, prune, scores
-from lmscope.circuits.replacement import Linearised, check_transcoders, linearise
+from lmscope.circuits.replacement import Linearised, check_transcoders, linearise, suite_transcoders
 
 __all__ = [
     "Frozen",
@@ -34,4 +34,5 @@ __all__ = [
     "save_graph",
     "scores",
     "select_logits",
+    "suite_transcoders",
 ]

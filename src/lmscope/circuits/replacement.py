@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,9 @@ from lmscope.errors import CircuitError
 from lmscope.model import LoadedModel, SiteModel
 from lmscope.model.sites import ReplaceFn, Site
 from lmscope.sae import SAE
+
+if TYPE_CHECKING:
+    from lmscope.suite import Suite
 
 SUPPORTED = ("gemma3", "gemma2", "llama", "mistral", "qwen2", "qwen3")
 
@@ -236,4 +240,40 @@ def linearise(loaded: LoadedModel, transcoders: Sequence[SAE], ids: Tensor) -> I
         yield lin
 
 
-__all__ = ["SUPPORTED", "Clean", "Linearised", "Pass", "check_transcoders", "linearise"]
+def suite_transcoders(
+    suite: Suite, keys: Sequence[str] | None = None, *, device: str | torch.device | None = None
+) -> list[SAE]:
+    """The suite's mlp_in → mlp_out transcoders, one per layer: by name or input site (``keys``),
+    else each layer's canonical one (the first by width when none is marked canonical)."""
+    entries = [e for e in suite.entries if e.get("out_site") and e["site"].endswith(".mlp_in")]
+    if keys is None:
+        canon = set(suite.manifest.get("canonical", {}).values())
+        chosen: dict[str, str] = {}
+        for e in entries:
+            if e["site"] not in chosen or e["name"] in canon:
+                chosen[e["site"]] = e["name"]
+        keys = list(chosen.values())
+        if not keys:
+            raise CircuitError(
+                f"suite {suite.path} has no mlp_in → mlp_out transcoders; train them with "
+                "`lmscope train --arch jumprelu_transcoder --sites all.mlp_in --out-site mlp_out`"
+            )
+    names = []
+    for key in keys:
+        named = [e["name"] for e in entries if key in (e["name"], e["site"])]
+        if not named:
+            valid = ", ".join(e["name"] for e in entries) or "none"
+            raise CircuitError(f"{key!r} is not a transcoder of suite {suite.path}; valid: {valid}")
+        names.append(named[0])
+    return [suite.load_sae(n, device=device) for n in names]
+
+
+__all__ = [
+    "SUPPORTED",
+    "Clean",
+    "Linearised",
+    "Pass",
+    "check_transcoders",
+    "linearise",
+    "suite_transcoders",
+]

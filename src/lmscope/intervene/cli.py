@@ -94,11 +94,55 @@ def _cmd_steer(args: argparse.Namespace) -> int:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    from lmscope.intervene import attribute
+    from lmscope.errors import InterventionError
     from lmscope.suite import Suite
 
     suite = Suite.open(args.suite)
     suite.require_saes()
+    mode = args.mode or ("graph" if args.target is None else "sae")
+    if mode == "graph":
+        if args.target is not None or args.contrast is not None:
+            raise InterventionError("--target and --contrast belong to --mode sae; a graph attributes the top logits")  # fmt: skip
+        return _attribute_graph(args, suite)
+    if args.target is None:
+        raise InterventionError("--mode sae needs --target, the token to attribute (e.g. ' Paris')")
+    return _attribute_saes(args, suite)
+
+
+def _attribute_graph(args: argparse.Namespace, suite: Suite) -> int:
+    from lmscope.circuits import attribute, graph_json, prune, save_graph, suite_transcoders
+
+    loaded = suite.load_model(device=args.device)
+    keys = [k.strip() for k in args.saes.split(",") if k.strip()] if args.saes else None
+    transcoders = suite_transcoders(suite, keys, device=loaded.device)
+    graph = attribute(loaded, args.prompt, transcoders, max_logits=args.max_logits,
+                      logit_prob=args.logit_prob, batch_size=args.batch_size)  # fmt: skip
+    doc = graph_json(
+        graph, prune(graph, args.node_threshold, args.edge_threshold), model=suite.model
+    )
+    path = save_graph(args.out, doc)
+    print(_graph_summary(doc, args.show))
+    print(f"\nwrote {len(doc['nodes'])} nodes and {len(doc['edges'])} edges to {path}")
+    return 0
+
+
+def _graph_summary(doc: dict[str, Any], n: int) -> str:
+    s, p = doc["scores"], doc["pruning"]
+    lines = [f"prompt {doc['prompt']!r}: {len(doc['tokens'])} tokens, graph built in {doc['build_seconds']:.1f} s",
+             "logits: " + ", ".join(f"{x['token']!r} {x['probability']:.3f}" for x in doc["logits"]),
+             f"replacement score {s['replacement']:.4f}, completeness score {s['completeness']:.4f}",
+             f"kept {len(doc['nodes'])} of {p['nodes_total']} nodes (node threshold {p['node_threshold']}), "
+             f"{len(doc['edges'])} of {p['edges_total']} edges (edge threshold {p['edge_threshold']})",
+             "", f"top {n} nodes by influence:"]  # fmt: skip
+    inner = [x for x in doc["nodes"] if x["kind"] in ("feature", "error")]
+    for x in sorted(inner, key=lambda x: -x["influence"])[:n]:
+        lines.append(f"  {x['id']:<16}{x['influence']:>9.4f}  @{x['position']} {x['token']!r}")
+    return "\n".join(lines)
+
+
+def _attribute_saes(args: argparse.Namespace, suite: Suite) -> int:
+    from lmscope.intervene import attribute
+
     loaded = suite.load_model(device=args.device)
     saes = _SAEs(suite, loaded.device)
     if args.saes:
@@ -143,18 +187,35 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "attribute",
-        help="attribute a target logit to every active latent: an attribution graph (JSON)",
-        description="Gradient × activation of every active latent and error term of the suite's "
-        "SAEs for the logit of --target (minus --contrast's) after PROMPT, with latent-to-latent "
-        "edges between consecutive SAEs; prints the top nodes and edges and writes the graph.",
+        help="an attribution graph of PROMPT's next token (JSON): transcoder circuits, or SAE latents",
+        description="--mode graph (the default without --target): the replacement model of the suite's mlp_in → mlp_out "
+        "transcoders (one per layer) with attention and norms frozen; direct effects between every "
+        "feature, error, token and top-logit node, pruned by influence on the logits, with "
+        "replacement and completeness scores (docs/circuits.md). --mode sae: gradient × activation "
+        "of every active latent of the suite's SAEs for the logit of --target (minus --contrast's), "
+        "edges between consecutive SAEs (docs/intervene.md).",
     )
-    p.add_argument("prompt", help="text whose next token is the target")
+    p.add_argument("prompt", help="text whose next token is attributed")
     p.add_argument("--suite", required=True, help="suite folder")
-    p.add_argument("--target", required=True, help="one token, e.g. ' Paris' (mind the space)")
-    p.add_argument("--contrast", help="a second token: attribute logit(target) − logit(contrast)")
-    p.add_argument("--saes", help="comma-separated sites or SAE names (default: every site's canonical SAE)")  # fmt: skip
-    p.add_argument("--top", type=int, default=50, help="latent nodes kept (default: %(default)s)")
-    p.add_argument("--max-edges", type=int, default=1000, help="edges kept; -1: all (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--mode",
+        choices=("graph", "sae"),
+        default=None,
+        help="(default: sae with --target, else graph)",
+    )
+    p.add_argument("--target", help="sae mode: one token, e.g. ' Paris' (mind the space)")
+    p.add_argument("--contrast", help="sae mode: a second token: attribute logit(target) − logit(contrast)")  # fmt: skip
+    p.add_argument("--saes", help="comma-separated sites or SAE names (default: every site's canonical "
+                   "SAE; graph mode: each layer's mlp_in transcoder)")  # fmt: skip
+    p.add_argument("--node-threshold", type=float, default=0.8, help="graph: share of influence the kept nodes carry (default: %(default)s)")  # fmt: skip
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="graph: share of influence the kept edges carry (default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-logits", type=int, default=10, help="graph: logit nodes at most (default: %(default)s)")  # fmt: skip
+    p.add_argument("--logit-prob", type=float, default=0.95, help="graph: logit nodes until their probabilities sum to this (default: %(default)s)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=64, help="graph: target nodes per backward pass (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--top", type=int, default=50, help="sae: latent nodes kept (default: %(default)s)"
+    )
+    p.add_argument("--max-edges", type=int, default=1000, help="sae: edges kept; -1: all (default: %(default)s)")  # fmt: skip
     p.add_argument("--show", type=int, default=10, help="nodes and edges printed (default: %(default)s)")  # fmt: skip
     p.add_argument("--out", default="attribution.json", help="graph JSON to write (default: %(default)s)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
