@@ -4,6 +4,7 @@ label and both scores, scored only on contexts its explainer never saw, and reru
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from interp_support import Interpreted
 
+from lmscope.interp import InterpError
 from lmscope.interp.explain import ExplainError
 from lmscope.interp.explain.records import Context, Corpus, Latent, SaeData, load_sae
 from lmscope.interp.explain.run import explain
@@ -171,3 +173,33 @@ def test_bad_choices_are_one_line_errors(suite: Suite) -> None:
         explain(suite, scorers=["recall"], progress=False)
     with pytest.raises(ExplainError, match="positive"):
         explain(suite, latents=0, progress=False)
+
+
+def test_queries_show_labels_sort_by_score_and_search_label_words(suite: Suite) -> None:
+    from lmscope.interp import query
+
+    name = suite.names[0]
+    with pytest.raises(InterpError, match="lmscope explain"):
+        query.features(suite, name, order="score")
+    assert query.search(suite, "anything", by="label") == []
+    explain(suite, progress=False)
+    page = query.features(suite, name, order="score", limit=1000)
+    scores = [r.score for r in page if r.score is not None]
+    assert scores == sorted(scores, reverse=True) and len(scores) > 10
+    assert all(r.label for r in page if r.score is not None)
+    rec = query.feature(suite, name, page[0].index)
+    assert rec.label == page[0].label and rec.score == page[0].score
+    assert [(e.explainer, e.judge) for e in rec.explanations] == [("tokens", "simulator")]
+    assert all(
+        f"{s}:{i}" in rec.labels for s, i, _ in rec.neighbours if query.feature(suite, s, i).label
+    )
+    # a word of a label finds its latent, and every hit's label holds that word
+    word = next(w for r in page for w in re.findall(r"\w+", r.label or "") if w != "promotes")
+    hits = query.search(suite, word, by="label", limit=500)
+    assert (page[0].sae, page[0].index) in {(h.sae, h.index) for h in hits} or word not in (
+        page[0].label or ""
+    )
+    assert hits and all(word.casefold() in (h.label or "").casefold() for h in hits)
+    assert query.labels(suite, [(name, page[0].index)]) == {
+        (name, page[0].index): (page[0].label, page[0].score)
+    }

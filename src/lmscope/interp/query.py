@@ -10,6 +10,7 @@ call these functions concurrently.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +26,9 @@ from lmscope.interp.features import band_bounds
 if TYPE_CHECKING:
     from lmscope.suite import Suite
 
-ORDERS = {"index": "idx", "density": "density DESC, idx", "max_act": "max_act DESC, idx"}
-SEARCH_BY = ("activating", "logits")
+ORDERS = {"index": "idx", "density": "density DESC, idx", "max_act": "max_act DESC, idx",
+          "score": "score IS NULL, score DESC, idx"}  # fmt: skip
+SEARCH_BY = ("activating", "logits", "label")
 DENSE = 0.1  # a latent firing on more than 10% of tokens counts as dense
 N_SUMMARY = 5  # tokens shown in a summary
 
@@ -66,6 +68,21 @@ class FeatureRecord:
     n_fire: int = 0  # tokens it fired on
     tokens: int = 0  # tokens interpret read
     band_ranges: list[tuple[float, float]] = field(default_factory=list)  # [lo, hi) per band
+    label: str | None = None  # the best-scoring explanation (`lmscope explain`), if any
+    score: float | None = None  # its detection score (balanced accuracy)
+    explanations: list[Explanation] = field(default_factory=list)  # every explainer's, best first
+    labels: dict[str, str] = field(default_factory=dict)  # "sae:index" -> label, for neighbours
+
+
+@dataclass
+class Explanation:
+    """One explainer's label of a latent and its scores (balanced accuracies; None: not scorable)."""
+
+    explainer: str
+    label: str
+    detection: float | None = None
+    fuzzing: float | None = None
+    judge: str | None = None
 
 
 @dataclass
@@ -78,6 +95,8 @@ class FeatureSummary:
     max_act: float
     top_tokens: list[str]  # the tokens its top contexts fire on, most frequent first
     logits_up: list[str]
+    label: str | None = None  # its best explanation (`lmscope explain`), if any
+    score: float | None = None  # that label's detection score
 
 
 def has_db(suite: Suite) -> bool:
@@ -180,6 +199,11 @@ def feature(suite: Suite, sae: str, index: int) -> FeatureRecord:
             (sae_id, index),
         ):
             near[relation].append((other, other_idx, cos))
+        expl = _explanations(conn, [(sae_id, index)]).get((sae_id, index), [])
+        ids = dict(conn.execute("SELECT name, id FROM saes").fetchall())
+        keys = [(ids[o], i) for rel in near.values() for o, i, _ in rel if o in ids]
+        names = {v: k for k, v in ids.items()}
+        labels = {f"{names[k[0]]}:{k[1]}": e[0].label for k, e in _explanations(conn, keys).items()}
     return FeatureRecord(
         sae=name, index=index, site=site, density=density, max_act=max_act, mean_act=mean_act,
         hist_edges=edges, hist_counts=counts[:filled], top=by_band.get(-1, []), bands=bands,
@@ -187,6 +211,8 @@ def feature(suite: Suite, sae: str, index: int) -> FeatureRecord:
         logits_down=[(texts[t], v) for s, t, v in lens if s < 0],
         neighbours=near["same"], prev_layer=near["prev"], next_layer=near["next"],
         n_fire=n_fire, tokens=tokens, band_ranges=ranges,
+        label=expl[0].label if expl else None, score=expl[0].detection if expl else None,
+        explanations=expl, labels=labels,
     )  # fmt: skip
 
 
@@ -217,13 +243,17 @@ def _summaries(conn: sqlite3.Connection, keys: list[tuple[int, int]]) -> list[Fe
         f"AND (sae, idx) IN ({sel}) ORDER BY rank", (pairs,)):  # fmt: skip
         ups.setdefault((s, i), []).append(t)
     texts = _texts(conn, [t for ts in (*tops.values(), *ups.values()) for t in ts])
+    expl = _explanations(conn, keys)
     out = []
     for key in keys:
+        best = expl.get(key, [None])[0]
         ranked = sorted(set(tops.get(key, [])), key=lambda t: (-tops[key].count(t), tops[key].index(t)))  # fmt: skip
         out.append(FeatureSummary(sae=names[key[0]], index=key[1], density=stats[key][0],
                                   max_act=stats[key][1],
                                   top_tokens=[texts[t] for t in ranked[:N_SUMMARY]],
-                                  logits_up=[texts[t] for t in ups.get(key, [])]))  # fmt: skip
+                                  logits_up=[texts[t] for t in ups.get(key, [])],
+                                  label=best.label if best else None,
+                                  score=best.detection if best else None))  # fmt: skip
     return out
 
 
@@ -236,15 +266,25 @@ def features(suite: Suite, sae: str, *, order: str = "density", offset: int = 0,
         raise InterpError(f"offset and limit must be >= 0, got {offset} and {limit}")
     with _connect(suite) as conn:
         sae_id = _sae(conn, suite, sae)[0]
-        rows = conn.execute(f"SELECT idx FROM features WHERE sae = ? ORDER BY {ORDERS[order]} "
-                            "LIMIT ? OFFSET ?", (sae_id, limit, offset)).fetchall()  # fmt: skip
+        if order == "score":
+            if not _has_labels(conn):
+                raise InterpError(f"no explanations to sort by; run `lmscope explain {suite.path}`")
+            sql = ("SELECT f.idx, (SELECT MAX(value) FROM scores s WHERE s.sae = f.sae AND s.idx = f.idx "
+                   f"AND s.scorer = 'detection') AS score FROM features f WHERE f.sae = ? "
+                   f"ORDER BY {ORDERS[order]} LIMIT ? OFFSET ?")  # fmt: skip
+        else:
+            sql = (
+                f"SELECT idx FROM features WHERE sae = ? ORDER BY {ORDERS[order]} LIMIT ? OFFSET ?"
+            )
+        rows = conn.execute(sql, (sae_id, limit, offset)).fetchall()
         return _summaries(conn, [(sae_id, r[0]) for r in rows])
 
 
 def search(suite: Suite, text: str, *, sae: str | None = None, by: str = "activating",
            limit: int = 50) -> list[FeatureSummary]:  # fmt: skip
     """Latents whose top contexts fire on the token `text` (`by="activating"`: most such contexts
-    first) or whose logit lens raises it (`by="logits"`: best rank first). Tokens match `text`
+    first), whose logit lens raises it (`by="logits"`: best rank first), or whose label holds
+    every word of `text` (`by="label"`: full-text search, best match first). Tokens match `text`
     ignoring case and surrounding whitespace."""
     if by not in SEARCH_BY:
         raise InterpError(f"unknown search {by!r}; valid: {', '.join(SEARCH_BY)}")
@@ -257,6 +297,10 @@ def search(suite: Suite, text: str, *, sae: str | None = None, by: str = "activa
             where = "AND sae = ?"
             args.append(_sae(conn, suite, sae)[0])
         tokens = "token IN (SELECT id FROM vocab WHERE norm = ?)"
+        if by == "label":
+            return _summaries(
+                conn, _label_search(conn, text, args[1] if sae is not None else None, limit)
+            )
         if by == "activating":
             sql = (f"SELECT sae, idx FROM examples WHERE band = -1 AND {tokens} {where} "
                    "GROUP BY sae, idx ORDER BY COUNT(*) DESC, MAX(act) DESC, sae, idx LIMIT ?")  # fmt: skip
@@ -275,3 +319,64 @@ def counts(suite: Suite, sae: str) -> dict[str, int]:
             "SELECT SUM(n_fire = 0), SUM(density > ?) FROM features WHERE sae = ?", (DENSE, sae_id)
         ).fetchone()
     return {"n": d_sae, "dead": int(dead or 0), "dense": int(dense or 0), "tokens": tokens}
+
+
+def _has_labels(conn: sqlite3.Connection) -> bool:
+    """Whether `lmscope explain` has written any label (older databases lack the tables)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'explanations'").fetchone() is None:
+        return False
+    return conn.execute("SELECT 1 FROM explanations LIMIT 1").fetchone() is not None
+
+
+def _explanations(conn: sqlite3.Connection, keys: list[tuple[int, int]]) -> dict[tuple[int, int], list[Explanation]]:  # fmt: skip
+    """Every explanation of the (sae id, index) pairs, best detection score first."""
+    if not keys or not _has_labels(conn):
+        return {}
+    pairs = json.dumps([list(k) for k in keys])
+    sel = "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)"
+    out: dict[tuple[int, int], list[Explanation]] = {}
+    for s, i, explainer, label in conn.execute(
+        f"SELECT sae, idx, explainer, label FROM explanations WHERE (sae, idx) IN ({sel})", (pairs,)
+    ):
+        out.setdefault((s, i), []).append(Explanation(explainer, label))
+    scores = {(s, i, e, sc): (v, j) for s, i, e, sc, v, j in conn.execute(
+        f"SELECT sae, idx, explainer, scorer, value, judge FROM scores WHERE (sae, idx) IN ({sel})", (pairs,))}  # fmt: skip
+    for (s, i), lst in out.items():
+        for ex in lst:
+            ex.detection, ex.judge = scores.get((s, i, ex.explainer, "detection"), (None, None))
+            ex.fuzzing = scores.get((s, i, ex.explainer, "fuzzing"), (None, None))[0]
+        lst.sort(key=lambda ex: (-(ex.detection if ex.detection is not None else -1.0), ex.explainer == "tokens", ex.explainer))  # fmt: skip
+    return out
+
+
+def _label_search(conn: sqlite3.Connection, text: str, sae_id: int | None, limit: int) -> list[tuple[int, int]]:  # fmt: skip
+    """(sae id, index) of the latents whose labels hold every word of `text` (FTS5, bm25 order);
+    text without words (":") matches labels containing it literally."""
+    if not _has_labels(conn):
+        return []
+    words = re.findall(r"\w+", text)
+    where, args = ("AND sae = ?", [sae_id]) if sae_id is not None else ("", [])
+    if words:
+        match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+        sql = (f"SELECT sae, idx FROM label_search WHERE label_search MATCH ? {where} "
+               "GROUP BY sae, idx ORDER BY MIN(rank), sae, idx LIMIT ?")  # fmt: skip
+        rows = conn.execute(sql, (match, *args, limit)).fetchall()
+    else:
+        pattern = (
+            "%" + text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        )
+        sql = (f"SELECT sae, idx FROM explanations WHERE label LIKE ? ESCAPE '\\' {where} "
+               "GROUP BY sae, idx ORDER BY sae, idx LIMIT ?")  # fmt: skip
+        rows = conn.execute(sql, (pattern, *args, limit)).fetchall()
+    return [(int(s), int(i)) for s, i in rows]
+
+
+def labels(
+    suite: Suite, keys: list[tuple[str, int]]
+) -> dict[tuple[str, int], tuple[str, float | None]]:
+    """The best label and its detection score of each (SAE name, index) that has one."""
+    with _connect(suite) as conn:
+        ids = dict(conn.execute("SELECT name, id FROM saes").fetchall())
+        wanted = [(ids[s], i) for s, i in keys if s in ids]
+        names = {v: k for k, v in ids.items()}
+        return {(names[k[0]], k[1]): (e[0].label, e[0].detection) for k, e in _explanations(conn, wanted).items()}  # fmt: skip
