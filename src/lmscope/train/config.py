@@ -34,7 +34,10 @@ from typing import Any
 
 from lmscope.errors import ConfigError
 
-ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu", "jumprelu_transcoder")
+ARCHITECTURES = (
+    *("jumprelu", "topk", "batchtopk", "matryoshka_batchtopk", "relu", "jumprelu_transcoder"),
+)
+TOPK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 SITE_KINDS = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 NORMALISATIONS = ("centred", "second_moment")
 DEAD_LOSSES = ("none", "auxk", "preact")  # lmscope.train.dead
@@ -48,6 +51,40 @@ def check_site(site: str) -> str:
             f"bad site {site!r}; expected L<layer>.<kind>, kind in {', '.join(SITE_KINDS)}"
         )
     return site
+
+
+def _type_ok(value: Any, annotation: str) -> bool | None:
+    """Whether ``value`` fits a simple field annotation (None: an annotation not checked here).
+
+    TOML and JSON give bools where ints are typed (``batch_size = true``) and floats where ints
+    are (``2000.7``); Python's ``bool <: int`` and dataclasses' silence let both through."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if "None" in kinds and value is None:
+        return True
+    checks = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "tuple[float, float]": lambda v: isinstance(v, list | tuple) and len(v) == 2
+        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v),
+    }  # fmt: skip
+    known = [checks[k] for k in kinds if k in checks]
+    if len(known) != len([k for k in kinds if k != "None"]):
+        return None
+    return any(c(value) for c in known)
+
+
+def check_field_types(obj: Any, table: str) -> None:
+    """ConfigError naming the first field of dataclass ``obj`` whose value has the wrong type."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if _type_ok(value, str(f.type)) is False:
+            want = str(f.type).replace("tuple[float, float]", "[float, float]")
+            raise ConfigError(
+                f"{table} {f.name} must be {want.replace(' | None', ' (or unset)')}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
 
 
 def _fmt_float(v: float) -> str:
@@ -71,13 +108,14 @@ class SAESpec:
     model: str = ""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "[[sae]]")
         check_site(self.site)
         arch = self.architecture
         if arch not in ARCHITECTURES:
             raise ConfigError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}")
         if self.width <= 0:
             raise ConfigError(f"width must be positive, got {self.width}")
-        if arch in ("topk", "batchtopk"):
+        if arch in TOPK_ARCHITECTURES:
             if self.k is None and self.target_l0 is not None:
                 object.__setattr__(self, "k", int(round(self.target_l0)))
             if self.k is None or not 0 < self.k <= self.width:
@@ -193,6 +231,7 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self, "[train]")
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
         if self.normalise not in NORMALISATIONS:
             raise ConfigError(
@@ -204,8 +243,8 @@ class TrainConfig:
             )
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"training dtype must be float32 or float64, got {self.dtype!r}")
-        for f in ("total_tokens", "batch_size", "norm_batches", "log_every"):
-            if getattr(self, f) <= 0:
+        for f in ("total_tokens", "batch_size", "norm_batches", "log_every", "lr", "kl_lr"):
+            if not getattr(self, f) > 0:  # `not >` also refuses NaN
                 raise ConfigError(f"{f} must be positive, got {getattr(self, f)}")
         if not 0 <= self.lr_decay_frac < 1 or not 0 < self.warmup_max_frac <= 1:
             raise ConfigError("lr_decay_frac must be in [0, 1) and warmup_max_frac in (0, 1]")
@@ -247,7 +286,7 @@ def parse_layers(v: int | str | list[int]) -> list[int]:
 
 def parse_width(v: int | str) -> int:
     """``16384`` or ``"16k"`` (×1024) / ``"1m"`` (×1024²)."""
-    if isinstance(v, int):
+    if isinstance(v, int) and not isinstance(v, bool):
         return v
     m = re.fullmatch(r"(\d+)([kKmM]?)", str(v).strip())
     if not m:
