@@ -94,7 +94,37 @@ def parse_config(raw: dict[str, Any], where: str = "the build config") -> BuildC
     from lmscope.train import TrainConfig
 
     TrainConfig.from_dict(out["train"])  # unknown keys fail now, not after the harvest
+    _check_stages(out, where)
     return BuildConfig(out)
+
+
+def _check_stages(c: dict[str, Any], where: str) -> None:
+    """Build every stage's config now, so that a bad value fails before any stage runs (an
+    ``[interpret] k = -4`` used to fail after harvest, train and eval)."""
+    from lmscope.activations.harvest import HarvestConfig
+    from lmscope.errors import LmscopeError
+    from lmscope.evals.evaluate import EvalConfig
+    from lmscope.interp.features import StatsConfig
+    from lmscope.train import expand_group
+
+    h, d, m, e, i = (c[t] for t in ("harvest", "data", "model", "eval", "interpret"))
+    try:
+        if m["dtype"] not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"[model] dtype must be float32, bfloat16 or float16, got {m['dtype']!r}")  # fmt: skip
+        if h["tokens"] != 0:  # 0: no store, training streams
+            HarvestConfig(model=m["name"], corpus=d["corpus"], tokens=h["tokens"],
+                          seq_len=d["seq_len"], batch_size=h["batch_size"], seed=d["seed"],
+                          dtype=h["dtype"], shard_rows=h["shard_rows"])  # fmt: skip
+        EvalConfig(tokens=e["tokens"], recon_tokens=e["recon_tokens"], batch_size=e["batch_size"],
+                   seq_len=d["seq_len"], seed=d["seed"])  # fmt: skip
+        StatsConfig(k=i["k"], window=i["window"])
+        for key in ("tokens", "batch_size"):
+            if not isinstance(i[key], int) or isinstance(i[key], bool) or i[key] < 1:
+                raise ConfigError(f"[interpret] {key} must be a positive integer, got {i[key]!r}")
+        for group in c["sae"]:  # "all" layers are only known with the model: check layer 0 now
+            expand_group({**group, "layers": 0} if group.get("layers") == "all" else group)
+    except LmscopeError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def sae_specs(cfg: BuildConfig, n_layers: int) -> list[Any]:
@@ -110,6 +140,10 @@ def sae_specs(cfg: BuildConfig, n_layers: int) -> list[Any]:
         g.setdefault("model", cfg["model"]["name"])
         specs.extend(expand_group(g))
     check_unique(specs)
+    for spec in specs:
+        for site in spec.sites:
+            if int(site[1:].split(".")[0]) >= n_layers:
+                raise ConfigError(f"[[sae]] site {site} is out of range: the model has layers 0-{n_layers - 1}")  # fmt: skip
     return specs
 
 
@@ -164,15 +198,19 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 
 def build(config: str | BuildConfig, out: str | Path, *, progress: bool = True) -> Suite:
     """Run (or resume) every stage of a build into the suite folder ``out``; return the suite."""
+    from lmscope.outputs import claim_dir
+
     cfg = read_config(config) if isinstance(config, str) else config
-    root = Path(out)
+    root = claim_dir(out, owned=lambda p: (p / STATE).is_file(), command="build", can_force=False)
+    model = _Model(cfg)
+    if not (root / STATE).is_file():  # a new build: the model and its layers must exist first
+        _ = model.specs
     state = _State(root, cfg)
     t_start = time.perf_counter()
     todo = [s for s in STAGES if not state.done(s)]
     if not todo:
         _say(progress, f"build at {root} is complete; nothing to do")
         return Suite.open(root)
-    model = _Model(cfg)
     for i, stage in enumerate(STAGES, 1):
         if state.done(stage):
             continue
