@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from published import (
     write_gs2,
 )
 
+from lmscope.cli import main
 from lmscope.errors import ConfigError, SAEError
 from lmscope.model import SiteModel, tiny_model
 from lmscope.releases.pull import pull
@@ -122,7 +122,9 @@ def test_pull_gemma_scope_2_offline_sites_encode_and_eval(cache: Path, tmp_path:
         assert m["l0"] > 0 and np.isfinite(m["fvu"])
 
 
-def test_pull_gemma_scope_1_res_and_transcoders_from_cli(cache: Path, tmp_path: Path) -> None:
+def test_pull_gemma_scope_1_res_and_transcoders_from_cli(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(1)
     res = snapshot(cache, "google/gemma-scope-2b-pt-res")
     p_res = jumprelu_params(rng, D, W)
@@ -130,13 +132,15 @@ def test_pull_gemma_scope_1_res_and_transcoders_from_cli(cache: Path, tmp_path: 
     tc = snapshot(cache, "google/gemma-scope-2b-pt-transcoders")
     p_tc = jumprelu_params(rng, D, W)
     write_gs1(tc, "layer_3/width_16k/average_l0_54", p_tc, lower=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "gs1"
-    for name, layers in (("gemma-scope-2b-pt-res-canonical", "2"), ("gemma-scope-2b-pt-transcoders", "3")):  # fmt: skip
-        r = subprocess.run([sys.executable, "-m", "lmscope", "pull", name, "--layers", layers,
-                            "--widths", "16k", "--model", "tiny-gemma3", "--out", str(out)],
-                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert r.returncode == 0, r.stderr
+    for name, layers in (
+        ("gemma-scope-2b-pt-res-canonical", "2"),
+        ("gemma-scope-2b-pt-transcoders", "3"),
+    ):
+        rc = main(["pull", name, "--layers", layers, "--widths", "16k", "--model", "tiny-gemma3",
+                   "--cache-dir", str(cache), "--out", str(out)])  # fmt: skip
+        assert rc == 0
     suite = Suite.open(out)
     assert {(e["site"], e["out_site"]) for e in suite.entries} == {("L2.resid_post", None), ("L3.mlp_in", "L3.mlp_out")}  # fmt: skip
     for e in suite.entries:
@@ -176,10 +180,8 @@ def test_pull_checks_declared_sites_against_the_registry(cache: Path, tmp_path: 
              l0s=["small"], model="tiny-gemma3", cache_dir=cache, offline=True, progress=None)  # fmt: skip
 
 
-def test_releases_cli_lists_a_models_releases() -> None:
-    r = subprocess.run([sys.executable, "-m", "lmscope", "releases", "--model", "gemma-3-270m"],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "gemma-scope-2-270m-pt-res-all" in r.stdout and "attn_z" in r.stdout
-    assert "gemma-scope-2b" not in r.stdout
-    assert json.loads(json.dumps(r.stdout))  # printable text
+def test_releases_cli_lists_a_models_releases(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["releases", "--model", "gemma-3-270m"]) == 0
+    out = capsys.readouterr().out
+    assert "gemma-scope-2-270m-pt-res-all" in out and "attn_z" in out
+    assert "gemma-scope-2-270m-pt-clt" in out and "gemma-scope-2b" not in out
