@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sites", help="sites to train on, e.g. L6.resid_post or L0-17.resid_post")
     p.add_argument("--arch", default="jumprelu",
-                   choices=["jumprelu", "topk", "batchtopk", "relu", "jumprelu_transcoder"],
+                   choices=["jumprelu", "topk", "batchtopk", "matryoshka_batchtopk", "relu",
+                            "jumprelu_transcoder"],
                    help="SAE architecture (default: %(default)s)")  # fmt: skip
     p.add_argument(
         "--widths",

@@ -21,7 +21,8 @@ def test_config_round_trips_through_json() -> None:
 
 def test_unknown_architecture_is_an_error_naming_the_valid_ones() -> None:
     with pytest.raises(
-        SAEError, match="valid: jumprelu, topk, batchtopk, relu, jumprelu_transcoder"
+        SAEError,
+        match="valid: jumprelu, topk, batchtopk, matryoshka_batchtopk, relu, jumprelu_transcoder",
     ):
         SAEConfig("gated", d_in=4, d_sae=8)
     with pytest.raises(SAEError, match="unknown SAE architecture 'gated'; valid: "):

@@ -72,7 +72,7 @@ def plan_suite(
     groups = []
     for g, idx in enumerate(dealt):
         mine = tuple(specs[i] for i in sorted(idx))
-        if ranks_per_sae > 1 and any(s.architecture == "batchtopk" for s in mine):
+        if ranks_per_sae > 1 and any(s.architecture.endswith("batchtopk") for s in mine):
             raise ConfigError("batchtopk selects over the whole batch: train it on one rank per SAE")  # fmt: skip
         groups.append(Group(tuple(range(g * ranks_per_sae, (g + 1) * ranks_per_sae)), mine))
     return groups

@@ -14,6 +14,7 @@ from lmscope.sae.base import (
 )
 from lmscope.sae.formats import FORMATS, detect_format, export_sae, import_sae, load_sae, save_sae
 from lmscope.sae.jumprelu import JumpReLUSAE
+from lmscope.sae.matryoshka import MatryoshkaBatchTopKSAE
 from lmscope.sae.relu import ReLUSAE
 from lmscope.sae.topk import BatchTopKSAE, TopKSAE
 from lmscope.sae.transcoder import JumpReLUTranscoder
@@ -26,6 +27,7 @@ __all__ = [
     "JumpReLUSAE",
     "JumpReLUTranscoder",
     "LossOutput",
+    "MatryoshkaBatchTopKSAE",
     "ReLUSAE",
     "SAEConfig",
     "TopKSAE",

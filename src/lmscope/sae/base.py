@@ -24,7 +24,10 @@ from torch import Tensor, nn
 
 from lmscope.errors import SAEError
 
-ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu", "jumprelu_transcoder")
+ARCHITECTURES = (
+    *("jumprelu", "topk", "batchtopk", "matryoshka_batchtopk", "relu", "jumprelu_transcoder"),
+)
+TOPK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")  # sparsity set by k
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 THRESHOLD_INIT = 0.001
 # Thresholds are stored directly (not as log θ); this floor keeps them positive after an optimiser
@@ -47,6 +50,7 @@ class SAEConfig:
     out_site: str | None = None  # transcoders: e.g. "L6.mlp_out"
     model: str = ""
     k: int | None = None  # topk / batchtopk: active latents per row
+    prefixes: list[int] | None = None  # matryoshka_batchtopk: nested sizes (None: W/16 … W)
     apply_b_dec_to_input: bool = True  # True while training, False once folded
     input_scale: float = 1.0  # C: training inputs are x / C; 1.0 once folded
     output_scale: float | None = None  # transcoders: C_out for targets (None → input_scale)
@@ -65,7 +69,7 @@ class SAEConfig:
             raise SAEError(f"unknown SAE dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
         if self.d_in <= 0 or self.d_sae <= 0 or (self.d_out is not None and self.d_out <= 0):
             raise SAEError(f"SAE widths must be positive, got d_in={self.d_in} d_sae={self.d_sae}")
-        if self.architecture in ("topk", "batchtopk") and not (self.k and 0 < self.k <= self.d_sae):
+        if self.architecture in TOPK_ARCHITECTURES and not (self.k and 0 < self.k <= self.d_sae):
             raise SAEError(f"{self.architecture} needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
         if self.is_transcoder:
             self.apply_b_dec_to_input = False  # input and output spaces differ

@@ -138,8 +138,12 @@ class BatchTopKSAE(TopKSAE):
 
         Exact: ``encode`` here already is that JumpReLU.
         """
-        cfg = dataclasses.replace(copy.deepcopy(self.cfg), architecture="jumprelu", k=None)
-        cfg.training = {**cfg.training, "converted_from": "batchtopk", "k": self.cfg.k}
+        cfg = dataclasses.replace(
+            copy.deepcopy(self.cfg), architecture="jumprelu", k=None, prefixes=None
+        )
+        cfg.training = {**cfg.training, "converted_from": self.cfg.architecture, "k": self.cfg.k}
+        if self.cfg.prefixes is not None:
+            cfg.training["prefixes"] = self.cfg.prefixes
         out = JumpReLUSAE(cfg)
         sd = {k: v.detach().clone() for k, v in self.state_dict().items()}
         out.load_state_dict(sd)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from lmscope.errors import ConfigError, LmscopeError
 from lmscope.sae import SAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, build_sae, save_sae
 from lmscope.train import checkpoint as ck
-from lmscope.train.config import SAESpec, TrainConfig, check_unique
+from lmscope.train.config import TOPK_ARCHITECTURES, SAESpec, TrainConfig, check_unique
 from lmscope.train.dead import add_dead_latent_grads
 from lmscope.train.schedules import L0Controller, capped_warmup, lambda_scale, lr_scale
 
@@ -157,7 +157,7 @@ class _Run:
             p.is_floating_point() and p.device.type in self.FUSED_ADAM_DEVICES for p in params
         )
         self.opt = torch.optim.Adam(params, lr=self.lr, betas=cfg.adam_betas, fused=fused or None)
-        self.topk = spec.architecture in ("topk", "batchtopk")
+        self.topk = spec.architecture in TOPK_ARCHITECTURES
         self.fast = cfg.fast and _kernels is not None and spec.architecture == "jumprelu"
         # The sparse kernel pays only when few latents fire: with half of them active (θ₀ far
         # below the data's scale, early steps) it was 20× slower than autograd at W = 1024. So it
