@@ -17,10 +17,11 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "serve"
 
 @pytest.fixture(scope="session")
 def served_suite(tiny_suite: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny suite after the real `eval`, `interpret` and `report` stages."""
+    """A copy of the tiny suite after the real `eval`, `interpret` (with `explain`) and `report` stages."""
     from lmscope.evals.evaluate import EvalConfig
     from lmscope.evals.report import write_report
     from lmscope.evals.results import evaluate_path
+    from lmscope.interp.explain import explain
     from lmscope.interp.pipeline import InterpretConfig, interpret
     from lmscope.suite import Suite
 
@@ -28,6 +29,7 @@ def served_suite(tiny_suite: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     shutil.copytree(tiny_suite, out)
     evaluate_path(out, EvalConfig(tokens=2048), device="cpu")
     interpret(out, InterpretConfig(tokens=4096, device="cpu"), progress=False)
+    explain(out, progress=False)  # labels and scores, as `lmscope build` makes them
     write_report(Suite.open(out))
     return out
 

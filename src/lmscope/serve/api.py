@@ -6,7 +6,7 @@ as ``{"error": message}`` with a 4xx status (5xx only for a server fault, still 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -93,6 +93,20 @@ def search(
     return catalog.feature_search(_engine(request), q, sae=sae, by=by, limit=limit)
 
 
+@router.get("/labels", summary="The labels (lmscope explain) of some features, e.g. ?f=SAE:12&f=SAE:40")  # fmt: skip
+def labels(
+    request: Request,
+    f: Annotated[list[str], Query(max_length=LIMITS.max_page, description="features as SAE:index")],
+) -> list[dict[str, Any]]:
+    keys = []
+    for item in f:
+        name, _, idx = item.rpartition(":")
+        if not name or not idx.isdigit():
+            raise ServeError(f"features are SAE:index, got {item[:80]!r}", 422)
+        keys.append((name, int(idx)))
+    return catalog.labels(_engine(request), keys)
+
+
 @router.get("/saes/{sae}/features/{index}", summary="One feature: top contexts, quantile bands, histogram, logit lens, neighbours")  # fmt: skip
 def feature(request: Request, sae: str, index: int) -> dict[str, Any]:
     return catalog.feature_detail(_engine(request), sae, index)
@@ -111,7 +125,8 @@ async def inspect(request: Request, body: InspectRequest) -> dict[str, Any]:
         feature = (body.feature_sae, body.feature_index)
     names = list(dict.fromkeys(names))
     # Torch work runs in a worker thread so that /api/status keeps answering meanwhile.
-    return await run_in_threadpool(engine.inspect, body.text, names, top_k=body.top_k, feature=feature)  # fmt: skip
+    result = await run_in_threadpool(engine.inspect, body.text, names, top_k=body.top_k, feature=feature)  # fmt: skip
+    return catalog.with_labels(engine, result)
 
 
 @router.post("/steer", summary="Generate with and without steering features, side by side")

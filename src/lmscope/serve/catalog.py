@@ -14,8 +14,8 @@ from typing import Any
 
 from lmscope.serve.engine import Engine, ServeError
 
-ORDERS = ("density", "max_act", "index")
-SEARCH_BY = ("id", "activating", "logits")
+ORDERS = ("density", "max_act", "index", "score")
+SEARCH_BY = ("id", "activating", "logits", "label")
 REPORT_FILE = re.compile(r"^[A-Za-z0-9_.-]+\.(png|svg|html|css|json)$")
 _CONTENT_TYPES = {"png": "image/png", "svg": "image/svg+xml", "html": "text/html",
                   "css": "text/css", "json": "application/json"}  # fmt: skip
@@ -139,7 +139,8 @@ def feature_search(
             dict.fromkeys(e.tokens[e.center] for e in r.top if 0 <= e.center < len(e.tokens))
         )[:5]
         return [{"sae": r.sae, "index": r.index, "density": r.density, "max_act": r.max_act,
-                 "top_tokens": top, "logits_up": [t for t, _ in r.logits_up[:5]]}]  # fmt: skip
+                 "top_tokens": top, "logits_up": [t for t, _ in r.logits_up[:5]],
+                 "label": r.label, "score": r.score}]  # fmt: skip
     rows = query.search(engine.suite, q, sae=sae, by=by, limit=min(limit, engine.limits.max_page))
     return [dataclasses.asdict(r) for r in rows]
 
@@ -148,6 +149,33 @@ def feature_detail(engine: Engine, name: str, index: int) -> dict[str, Any]:
     engine.check_feature(name, index)
     record = _require_db(engine).feature(engine.suite, name, index)
     return dataclasses.asdict(record)
+
+
+def with_labels(engine: Engine, result: dict[str, Any]) -> dict[str, Any]:
+    """An inspector result with each listed feature's label and score (`lmscope explain`) added."""
+    if not has_features(engine):
+        return result
+    keys = [(s["sae"], f["index"]) for s in result.get("saes", []) for fs in s["top"] for f in fs]
+    if result.get("feature"):
+        keys.append((result["feature"]["sae"], result["feature"]["index"]))
+    found = _query().labels(engine.suite, list(dict.fromkeys(keys)))
+    for s in result.get("saes", []):
+        for fs in s["top"]:
+            for f in fs:
+                f["label"], f["score"] = found.get((s["sae"], f["index"]), (None, None))
+    if result.get("feature"):
+        feat = result["feature"]
+        feat["label"], feat["score"] = found.get((feat["sae"], feat["index"]), (None, None))
+    return result
+
+
+def labels(engine: Engine, keys: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """Labels of (SAE, index) pairs, for the steering picker: one dict per pair, in order."""
+    for name, _ in keys:
+        engine.entry(name)
+    found = _query().labels(engine.suite, keys) if has_features(engine) else {}
+    return [{"sae": n, "index": i, "label": found.get((n, i), (None, None))[0],
+             "score": found.get((n, i), (None, None))[1]} for n, i in keys]  # fmt: skip
 
 
 def report_files(engine: Engine) -> dict[str, Path]:

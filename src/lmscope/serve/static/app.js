@@ -128,6 +128,7 @@ function showTokenDetail(s, tokens, i) {
   if (!s.top[i].length) list.append(el("li", { class: "muted" }, "no feature fires here"));
   box.append(list);
   box.hidden = false;
+    if (f.label) li.append(el("span", { class: "label", title: `detection ${f.score == null ? "–" : f.score.toFixed(2)}` }, f.label), document.createTextNode(" "));
 }
 
 async function highlight(sae, index) {
@@ -152,6 +153,7 @@ async function highlight(sae, index) {
     paintToken(span, acts[i], scale);
     strip.append(span);
   });
+  if (data.feature.label) title.append(document.createTextNode(" "), el("span", { class: "label" }, data.feature.label));
   $("highlighted").hidden = false;
   // the same colours on that SAE's own strip, when it is shown
   for (const section of document.querySelectorAll(".sae-result")) {
@@ -197,10 +199,31 @@ function setupSteering() {
   });
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
+  // each row shows its feature's label (lmscope explain), fetched when the SAE or index changes
+  const showLabel = async (row) => {
+    const cell = row.querySelector(".s-label");
+    const sae = row.querySelector(".s-sae").value;
+    const index = row.querySelector(".s-index").value;
+    if (index === "") return (cell.textContent = "–");
+    try {
+      const resp = await fetch("/api/labels?f=" + encodeURIComponent(`${sae}:${index}`));
+      const [found] = resp.ok ? await resp.json() : [{}];
+      cell.textContent = (found && found.label) || "–";
+    } catch (e) {
+      cell.textContent = "–";
+    }
+  };
+  const wireLabel = (row) => {
+    row.querySelector(".s-sae").addEventListener("change", () => showLabel(row));
+    row.querySelector(".s-index").addEventListener("change", () => showLabel(row));
+    showLabel(row);
+  };
     const features = [...body.querySelectorAll(".steer-row")].map((row) => ({
+  wireLabel(body.querySelector(".steer-row"));
       sae: row.querySelector(".s-sae").value,
       index: Number(row.querySelector(".s-index").value),
       coeff: Number(row.querySelector(".s-coeff").value),
+    wireLabel(row);
     }));
     const req = {
       prompt: $("prompt").value,
