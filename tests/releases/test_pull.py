@@ -53,6 +53,8 @@ def test_registry_names_every_family_and_saelens_release() -> None:
     affine = r.items(layers=[0], widths=["16k"], l0s=["small"])
     assert {it.affine for it in affine} == {True, False}
     assert {(it.kind, it.out_kind) for it in affine} == {("mlp_in", "mlp_out")}
+    only = r.items(layers=[0], widths=["16k"], l0s=["small"], affine=True)
+    assert [it.folder for it in only] == ["transcoder_all/layer_0_width_16k_l0_small_affine"]
     # Gemma Scope 2 attn_out SAEs read o_proj's input: lmscope's attn_z
     assert {it.kind for it in release("gemma-scope-2-1b-pt-att-all").items()} == {"attn_z"}
     with pytest.raises(ConfigError, match="widths: 16k"):
@@ -185,3 +187,44 @@ def test_releases_cli_lists_a_models_releases(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "gemma-scope-2-270m-pt-res-all" in out and "attn_z" in out
     assert "gemma-scope-2-270m-pt-clt" in out and "gemma-scope-2b" not in out
+
+
+def test_pull_refuses_cross_layer_releases_in_one_line(cache: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match="cross-layer transcoders / crosscoders .*load_multilayer"
+    ):
+        pull("gemma-scope-2-270m-pt-clt", tmp_path / "s", widths=["262k"], l0s=["medium"],
+             model="tiny-gemma3", cache_dir=cache, offline=True, progress=None)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pull_onto_the_real_gemma_3_270m(cache: Path, tmp_path: Path) -> None:
+    """Published widths of Gemma 3 270M (d_model 640, attn_z 4 × 256 = 1024) land on its sites."""
+    from lmscope.model import load_model
+
+    snap = snapshot(cache, "google/gemma-scope-2-270m-pt")
+    rng = np.random.default_rng(4)
+    written = {}
+    for group, kind, out_kind, d in (("resid_post_all", "resid_post", None, 640),
+                                     ("attn_out_all", "attn_z", None, 1024),
+                                     ("transcoder_all", "mlp_in", "mlp_out", 640)):  # fmt: skip
+        folder = f"{group}/layer_6_width_16k_l0_small"
+        written[folder] = p = jumprelu_params(rng, d, 32, 640 if out_kind else None)
+        p["w_enc"] *= 8.0  # real activations are large: some pre-activations pass θ
+        write_gs2(snap, folder, p, kind=kind, out_kind=out_kind, layer=6,
+                  model="google/gemma-3-270m", l0=20)  # fmt: skip
+    for name in ("gemma-scope-2-270m-pt-res-all", "gemma-scope-2-270m-pt-att-all",
+                 "gemma-scope-2-270m-pt-transcoders-all"):  # fmt: skip
+        pull(name, tmp_path / "s", layers=[6], widths=["16k"], l0s=["small"], affine=False,
+             cache_dir=cache, offline=True, progress=None)  # fmt: skip
+    suite = Suite.open(tmp_path / "s")
+    assert suite.model == "gemma-3-270m"
+    assert {(e["site"], e["d_in"]) for e in suite.entries} == {("L6.resid_post", 640), ("L6.attn_z", 1024), ("L6.mlp_in", 640)}  # fmt: skip
+    loaded = load_model("gemma-3-270m", device="cpu")
+    ids = loaded.tokenizer(["The capital of France is Paris."], return_tensors="pt").input_ids
+    acts = SiteModel(loaded).run(ids, read=suite.sites, return_logits=False).acts
+    for e in suite.entries:
+        sae = suite.load_sae(e["name"]).requires_grad_(False)
+        x = acts[e["site"]][0].detach()
+        want = numpy_encode(written[sae.cfg.training["source"]["folder"]], x.numpy())
+        np.testing.assert_allclose(sae.encode(x).double().numpy(), want, rtol=1e-4, atol=1e-4)

@@ -32,7 +32,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         return [v.strip() for v in text.split(",") if v.strip()] if text else None
 
     suite = pull(args.release, args.out, layers=parse_layers(args.layers), widths=csv(args.widths),
-                 l0s=csv(args.l0), model=args.model, source=args.source,
+                 l0s=csv(args.l0), affine={"yes": True, "no": False}.get(args.affine or ""),
+                 model=args.model, source=args.source,
                  cache_dir=args.cache_dir, revision=args.revision)  # fmt: skip
     print(f"wrote {len(suite.names)} SAEs of {args.release} to suite {suite.path} "
           f"(model {suite.model}); next: lmscope eval {suite.path}")  # fmt: skip
@@ -75,6 +76,8 @@ def register(sub: Any) -> None:
     p.add_argument("--layers", help="layers, e.g. 0-3,7 (default: all the release has)")
     p.add_argument("--widths", help="widths, e.g. 16k,65k (default: all)")
     p.add_argument("--l0", help="L0s, e.g. small or 71 (default: all)")
+    p.add_argument("--affine", choices=["yes", "no"],
+                   help="transcoders: only those with (yes) or without (no) the affine skip (default: both)")  # fmt: skip
     p.add_argument("--out", required=True, help="suite folder to write (or extend)")
     p.add_argument("--model", help="model to check and run the SAEs on (default: the release's)")
     p.add_argument("--source", help="a local copy of the repo instead of the Hub")

@@ -140,7 +140,7 @@ def parse_layers(spec: str | None) -> list[int] | None:
 
 def pull(name: str, out: str | Path, *, layers: list[int] | None = None,
          widths: list[str] | None = None, l0s: list[str] | None = None,
-         model: str | None = None, source: str | Path | None = None,
+         affine: bool | None = None, model: str | None = None, source: str | Path | None = None,
          cache_dir: str | Path | None = None, revision: str | None = None,
          offline: bool | None = None, progress: Progress | None = print) -> Suite:  # fmt: skip
     """Download the chosen folders of release ``name`` and write them as the suite ``out``.
@@ -152,7 +152,7 @@ def pull(name: str, out: str | Path, *, layers: list[int] | None = None,
     from lmscope.sae.formats import save_sae
 
     rel = release(name)
-    items = rel.items(layers=layers, widths=widths, l0s=l0s)
+    items = rel.items(layers=layers, widths=widths, l0s=l0s, affine=affine)
     multi = [it.folder for it in items if it.multilayer]
     if multi:
         raise ConfigError(

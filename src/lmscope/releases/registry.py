@@ -80,13 +80,15 @@ class Release:
         return MODELS.get(m, m)
 
     def items(self, *, layers: list[int] | None = None, widths: list[str] | None = None,
-              l0s: list[str] | None = None) -> list[Item]:  # fmt: skip
-        """The release's folders, filtered; an empty selection is a ConfigError naming choices."""
+              l0s: list[str] | None = None, affine: bool | None = None) -> list[Item]:  # fmt: skip
+        """The release's folders, filtered (``affine``: only transcoders with / without the skip
+        connection); an empty selection is a ConfigError naming the choices."""
         every = [it for it in map(self._item, self.folders) if it is not None]
         chosen = [it for it in every
                   if (layers is None or set(it.layers) & set(layers))
                   and (widths is None or it.width in widths)
-                  and (l0s is None or it.l0 in l0s)]  # fmt: skip
+                  and (l0s is None or it.l0 in l0s)
+                  and (affine is None or it.affine == affine)]  # fmt: skip
         if not chosen:
             have: dict[str, list[str]] = {
                 "layers": [str(la) for la in sorted({la for it in every for la in it.layers})],
@@ -94,7 +96,9 @@ class Release:
                 "l0s": sorted({it.l0 for it in every}),
             }
             raise ConfigError(
-                f"nothing in {self.name} matches layers={layers} widths={widths} l0={l0s}; it has "
+                f"nothing in {self.name} matches layers={layers} widths={widths} l0={l0s}"
+                + ("" if affine is None else f" affine={affine}")
+                + "; it has "
                 + "; ".join(f"{k}: {', '.join(v)}" for k, v in have.items())
             )
         return chosen
