@@ -5,49 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmscope.circuits import Graph, Linearised, build_graph, linearise, select_logits
-from lmscope.circuits.replacement import Pass
+from lmscope.circuits import build_graph, linearise, select_logits
+from lmscope.circuits.check import removal_effects
 from lmscope.errors import CircuitError
-
-
-def target_inputs(lin: Linearised, p: Pass, graph: Graph) -> torch.Tensor:
-    """[B, n_features + n_logits]: each feature's mlp_in · W_enc[:, i], each de-meaned logit."""
-    cols = []
-    for layer, pos, latent in graph.features.tolist():
-        cols.append(p.mlp_in[layer][:, pos] @ lin.transcoders[layer].W_enc[:, latent])
-    w_u = lin.sites.unembedding
-    dirs = w_u[:, graph.logit_ids] - w_u.mean(1, keepdim=True)
-    return torch.cat([torch.stack(cols, 1), p.final @ dirs], 1).double()
-
-
-def brute_force(lin: Linearised, graph: Graph) -> torch.Tensor:
-    """adjacency[target rows, source columns] recomputed by zeroing each source in turn, in
-    batched replays of the frozen replacement model (one row per removed source)."""
-    c, t = lin.clean, graph.n_tokens
-    sources = [("feature", i) for i in range(graph.n_features)]
-    sources += [("error", i) for i in range(graph.n_errors)] + [("token", i) for i in range(t)]
-    base = target_inputs(lin, lin.forward(), graph)[0]
-    columns = []
-    for lo in range(0, len(sources), 64):
-        chunk = sources[lo : lo + 64]
-        b = len(chunk)
-        embed = c.embed.expand(b, -1, -1).clone()
-        acts = [a.expand(b, -1, -1).clone() for a in c.acts]
-        errors = [e.expand(b, -1, -1).clone() for e in c.errors]
-        for row, (kind, i) in enumerate(chunk):
-            if kind == "feature":
-                layer, pos, latent = graph.features[i].tolist()
-                acts[layer][row, pos, latent] = 0
-            elif kind == "error":
-                layer, pos = divmod(i, t)
-                errors[layer][row, pos] = 0
-            else:
-                embed[row, i] = 0
-        removed = target_inputs(
-            lin, lin.forward(rows=b, embed=embed, acts=acts, errors=errors), graph
-        )
-        columns.append((base - removed).T)
-    return torch.cat(columns, 1)
 
 
 def test_every_edge_equals_the_change_when_its_source_is_removed(tiny_setup) -> None:
@@ -56,7 +16,7 @@ def test_every_edge_equals_the_change_when_its_source_is_removed(tiny_setup) -> 
     rows = torch.cat([torch.arange(graph.n_features), torch.arange(graph.n_nodes - len(graph.logit_ids), graph.n_nodes)])  # fmt: skip
     n_src = graph.n_nodes - len(graph.logit_ids)
     with torch.no_grad(), linearise(loaded, tcs, ids) as lin:
-        expected = brute_force(lin, graph)
+        expected = removal_effects(lin, graph, range(n_src), rows.tolist())
     got = graph.adjacency[rows][:, :n_src].double()
     scale = float(expected.abs().max())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
