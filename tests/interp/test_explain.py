@@ -203,3 +203,21 @@ def test_queries_show_labels_sort_by_score_and_search_label_words(suite: Suite) 
     assert query.labels(suite, [(name, page[0].index)]) == {
         (name, page[0].index): (page[0].label, page[0].score)
     }
+
+
+def test_random_tokens_hold_every_latent_that_fires_there(interpreted: Interpreted) -> None:
+    """The SAE's random-token sample: distinct counted tokens, each with exactly the latents
+    (and activations) that brute-force encoding gives there."""
+    conn = sqlite3.connect(interpreted.suite.features_db)
+    n_samples = interpreted.cfg.stats.samples
+    for sae_id, name in conn.execute("SELECT id, name FROM saes").fetchall():
+        f = interpreted.latents[name]
+        rows = conn.execute("SELECT seq, pos, token, latents, acts FROM samples WHERE sae = ?", (sae_id,)).fetchall()  # fmt: skip
+        assert len(rows) == min(n_samples, int(interpreted.mask.sum()))
+        assert len({(s, p) for s, p, *_ in rows}) == len(rows)
+        for seq, pos, token, lat, act in rows:
+            assert bool(interpreted.mask[seq, pos]) and token == int(interpreted.ids[seq, pos])
+            want = f[seq, pos].nonzero().squeeze(1)
+            assert np.frombuffer(lat, dtype=np.int32).tolist() == want.tolist()
+            assert np.frombuffer(act, dtype=np.float32).tolist() == f[seq, pos, want].tolist()
+    conn.close()
