@@ -37,6 +37,13 @@ def _feature(spec: str) -> tuple[str, int]:
     return key, int(idx)
 
 
+def _clamp_value(spec: str) -> float | None:
+    try:
+        return float(spec.partition("=")[2])
+    except ValueError:
+        return None  # _interventions names the bad spec
+
+
 def _interventions(args: argparse.Namespace, saes: _SAEs) -> list[Any]:
     from lmscope.errors import InterventionError
     from lmscope.intervene import Ablate, Clamp, Splice, Steer
@@ -68,10 +75,39 @@ def _interventions(args: argparse.Namespace, saes: _SAEs) -> list[Any]:
     return items
 
 
+def _check_numbers(args: argparse.Namespace, rules: dict[str, tuple[float, str]]) -> None:
+    """InterventionError for the first flag out of range: {dest: (lowest, what it is)}; NaN and ±inf
+    are out of range for every flag (``--coeff nan`` gave NaN probabilities)."""
+    import math
+
+    from lmscope.errors import InterventionError
+
+    for dest, (low, what) in rules.items():
+        v = getattr(args, dest)
+        if v is not None and (not math.isfinite(v) or v < low):
+            flag = "--" + dest.replace("_", "-")
+            raise InterventionError(f"{flag} must be a finite number >= {low:g} ({what}), got {v}")
+
+
+def _is_graph_file(p: Any) -> bool:
+    """`owned` for attribute --out: a graph an earlier `lmscope attribute` wrote."""
+    import json
+
+    try:
+        return str(json.loads(p.read_text()).get("format", "")).startswith("lmscope")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _cmd_steer(args: argparse.Namespace) -> int:
     from lmscope.intervene import compare, generate
     from lmscope.suite import Suite
 
+    _check_numbers(args, {"coeff": (float("-inf"), "the steering strength"),
+                          "max_new_tokens": (1, "tokens to generate"),
+                          "temperature": (0, "0 is greedy"), "top": (0, "0 shows none")})  # fmt: skip
+    for spec in args.clamp or ():
+        _check_numbers(argparse.Namespace(clamp=_clamp_value(spec)), {"clamp": (float("-inf"), "SITE:INDEX=VALUE")})  # fmt: skip
     suite = Suite.open(args.suite)
     loaded = suite.load_model(device=args.device)
     items = _interventions(args, _SAEs(suite, loaded.device))
@@ -95,8 +131,13 @@ def _cmd_steer(args: argparse.Namespace) -> int:
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from lmscope.errors import InterventionError
+    from lmscope.outputs import claim_file
     from lmscope.suite import Suite
 
+    _check_numbers(args, {"top": (1, "latent nodes kept"), "max_edges": (-1, "-1 keeps all"),
+                          "show": (0, "nodes and edges printed"), "batch_size": (1, "targets per pass"),
+                          "max_logits": (1, "logit nodes")})  # fmt: skip
+    claim_file(args.out, owned=_is_graph_file, command="attribute", force=args.force)
     suite = Suite.open(args.suite)
     suite.require_saes()
     mode = args.mode or ("graph" if args.target is None else "sae")
@@ -218,6 +259,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-edges", type=int, default=1000, help="sae: edges kept; -1: all (default: %(default)s)")  # fmt: skip
     p.add_argument("--show", type=int, default=10, help="nodes and edges printed (default: %(default)s)")  # fmt: skip
     p.add_argument("--out", default="attribution.json", help="graph JSON to write (default: %(default)s)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace --out even if `attribute` did not write it")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.set_defaults(func=_cmd_attribute)
 
