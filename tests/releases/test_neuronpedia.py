@@ -61,6 +61,24 @@ def test_export_is_valid_and_carries_the_feature_records(
         assert top[0]["tokens"][top[0]["qualifyingTokenIndex"]] == rec.top[0].tokens[rec.top[0].center]  # fmt: skip
 
 
+def test_explanations_come_from_the_explain_table(interpreted: Suite, tmp_path: Path) -> None:
+    import sqlite3
+
+    suite = Suite.open(shutil.copytree(interpreted.path, tmp_path / "s"))
+    name = suite.names[0]
+    with sqlite3.connect(suite.features_db) as conn:  # `lmscope explain`'s table
+        conn.execute("CREATE TABLE IF NOT EXISTS explanations (sae INTEGER NOT NULL, idx INTEGER "
+                     "NOT NULL, explainer TEXT NOT NULL, label TEXT NOT NULL, created TEXT NOT NULL, "
+                     "PRIMARY KEY (sae, idx, explainer)) WITHOUT ROWID")  # fmt: skip
+        sid = conn.execute("SELECT id FROM saes WHERE name = ?", (name,)).fetchone()[0]
+        conn.execute("INSERT INTO explanations VALUES (?, 3, 'tokens', 'commas in code', '')", (sid,))  # fmt: skip
+    counts = export_neuronpedia(suite, tmp_path / "np", saes=[name], limit=8)
+    assert counts["explanations"] == 1 and validate_export(tmp_path / "np")[1] == []
+    (path,) = (tmp_path / "np").rglob("explanations/batch-0.jsonl.gz")
+    (row,) = _rows(path)
+    assert (row["index"], row["description"], row["explanationModelName"]) == ("3", "commas in code", "tokens")  # fmt: skip
+
+
 def test_validator_catches_schema_violations(interpreted: Suite, tmp_path: Path) -> None:
     export_neuronpedia(interpreted, tmp_path / "np", limit=3)
     path = next((tmp_path / "np").rglob("features/batch-0.jsonl.gz"))

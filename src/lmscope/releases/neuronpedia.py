@@ -44,27 +44,28 @@ def schema() -> dict[str, Any]:
     return dict(json.loads(text)["definitions"])
 
 
-def _explanations(suite: Any, sae: str) -> dict[int, str]:
-    """Labels another stage stored in features.db, if any (a table with sae/idx and a text)."""
+def _explanations(suite: Any, sae: str) -> dict[int, list[tuple[str, str]]]:
+    """Labels in features.db (`lmscope explain`'s ``explanations`` table: sae, idx, explainer,
+    label), per latent: [(explainer, label)]. None written yet: {}."""
+    conn = sqlite3.connect(f"{suite.features_db.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        conn = sqlite3.connect(f"{suite.features_db.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return {}
-    try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        for t in tables:
-            if not t.startswith(("label", "explanation")):
-                continue
-            cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{t}")')]
-            text = next((c for c in ("label", "text", "description", "explanation") if c in cols), None)  # fmt: skip
-            if text is None or "idx" not in cols or "sae" not in cols:
-                continue
-            sid = conn.execute("SELECT id FROM saes WHERE name = ?", (sae,)).fetchone()
-            if sid is None:
-                return {}
-            rows = conn.execute(f'SELECT idx, "{text}" FROM "{t}" WHERE sae = ?', (sid[0],))
-            return {int(i): str(v) for i, v in rows if v}
-        return {}
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "explanations" not in tables:
+            return {}
+        cols = {r[1] for r in conn.execute('PRAGMA table_info("explanations")')}
+        if not {"sae", "idx", "label"} <= cols:
+            return {}
+        who = "explainer" if "explainer" in cols else "'lmscope'"
+        out: dict[int, list[tuple[str, str]]] = {}
+        rows = conn.execute(
+            f"SELECT e.idx, {who}, e.label FROM explanations e JOIN saes s ON s.id = e.sae "
+            "WHERE s.name = ? ORDER BY e.idx",
+            (sae,),
+        )
+        for idx, explainer, label in rows:
+            if label:
+                out.setdefault(int(idx), []).append((str(explainer), str(label)))
+        return out
     finally:
         conn.close()
 
@@ -129,10 +130,11 @@ def export_neuronpedia(suite: Any, out: str | Path, *, model_id: str | None = No
                 rec = feature(suite, name, i)
                 feats.append(_neuron(rec, mid, sid, set_name))
                 acts += _activations(rec, mid, sid)
-                if i in labels:
-                    expl.append({"id": f"{sid}-{i}", "modelId": mid, "layer": sid, "index": str(i),
-                                 "description": labels[i], "authorId": CREATOR,
-                                 "typeName": "lmscope", "createdAt": now})  # fmt: skip
+                for explainer, label in labels.get(i, []):
+                    expl.append({"id": f"{sid}-{i}-{explainer}", "modelId": mid, "layer": sid,
+                                 "index": str(i), "description": label, "authorId": CREATOR,
+                                 "typeName": "lmscope", "explanationModelName": explainer,
+                                 "createdAt": now})  # fmt: skip
             batch = f"batch-{b0 // BATCH}.jsonl.gz"
             _write_jsonl_gz(root / "features" / batch, feats)
             _write_jsonl_gz(root / "activations" / batch, acts)
