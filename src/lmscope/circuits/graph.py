@@ -189,9 +189,14 @@ def _rows(
         g_l = g_l[:n].float()
         w_dec = lin.transcoders[layer].W_dec.detach().float()
         pos, idx = features[sel, 1].to(dev), features[sel, 2].to(dev)
-        # (∂input/∂mlp_out[pos]) · W_dec[idx] · a, for the active latents only
-        per = (g_l @ w_dec.T)[:, pos, idx] * c.acts[layer][0, pos, idx].float()
-        feat_cols.append(per.cpu())
+        # (∂input/∂mlp_out[pos]) · W_dec[idx] · a for the active latents only, one small matmul
+        # per position (features are sorted by position within a layer)
+        per = torch.empty(n, len(pos), device=dev)
+        start = 0
+        for p_, k in zip(*(v.tolist() for v in torch.unique_consecutive(pos, return_counts=True))):
+            per[:, start : start + k] = g_l[:, p_] @ w_dec[idx[start : start + k]].T
+            start += k
+        feat_cols.append((per * c.acts[layer][0, pos, idx].float()).cpu())
         err_cols.append((g_l * c.errors[layer][0].float()).sum(-1).cpu())
     g_e = got[0]
     tok_cols = torch.zeros(n, t) if g_e is None else (g_e[:n].float() * c.embed[0].float()).sum(-1).cpu()  # fmt: skip
