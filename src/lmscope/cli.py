@@ -126,6 +126,10 @@ def _train_specs(args: argparse.Namespace, site_names: list[str], n_layers: int)
     return specs
 
 
+def _holds_a_suite(p: Any) -> bool:
+    return bool((p / "manifest.json").is_file() or all(c.is_dir() for c in p.iterdir()))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from lmscope.distributed import session
 
@@ -140,8 +144,9 @@ def _train(args: argparse.Namespace, ranks: Any) -> int:
     from lmscope.activations.stream import stream_batches
     from lmscope.distributed import publish_suite, train_parts
     from lmscope.distributed.remote import is_remote, work_dir_for
-    from lmscope.errors import ConfigError
+    from lmscope.errors import ConfigError, SiteError
     from lmscope.model import SiteModel, load_model, parse_sites
+    from lmscope.outputs import claim_dir
     from lmscope.suite import record_training
     from lmscope.train import DataFactory, TrainConfig, load_suite, store_data
 
@@ -155,6 +160,8 @@ def _train(args: argparse.Namespace, ranks: Any) -> int:
         "fast": False if args.no_fast else None,
     }
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if not is_remote(args.out):  # a suite to resume, SAE folders of an interrupted run, or new
+        claim_dir(args.out, owned=_holds_a_suite, command="train", can_force=False)
     if (args.store is None) == (args.stream_model is None):
         raise ConfigError(
             "give the data as --store URL (a harvested store) or --model NAME (stream)"
@@ -170,7 +177,12 @@ def _train(args: argparse.Namespace, ranks: Any) -> int:
         n_layers = SiteModel(loaded).n_layers
         available = [str(s) for s in parse_sites("all.*", n_layers)]
     if not specs:
-        specs = _train_specs(args, available, n_layers)
+        try:
+            specs = _train_specs(args, available, n_layers)
+        except SiteError as e:  # the layers known are the store's, not the model's
+            if args.store is None:
+                raise
+            raise SiteError(str(e).replace("this model has", f"the store at {args.store} holds")) from None  # fmt: skip
     if args.store is not None:
         meta = store.meta
         model, corpus = store.model_name, str(meta.get("corpus", "default"))
@@ -226,11 +238,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
+    from zipfile import BadZipFile
+
+    from safetensors import SafetensorError
+
+    from lmscope.errors import SAEError
     from lmscope.outputs import claim_dir, holds_only
     from lmscope.sae import import_sae, save_sae
 
     claim_dir(args.out, owned=holds_only(SAE_FILES), command="import", force=args.force)
-    path = save_sae(import_sae(args.source), args.out)
+    try:
+        sae = import_sae(args.source)
+    except (ValueError, KeyError, TypeError, OSError, EOFError, SafetensorError, BadZipFile) as e:
+        # files that are not what their names say: garbage params.npz, cfg.json, safetensors
+        raise SAEError(f"cannot import {args.source}: {type(e).__name__}: {e}") from None
+    path = save_sae(sae, args.out)
     print(f"imported {args.source} as a native lmscope SAE in {path}")
     return 0
 

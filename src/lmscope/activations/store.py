@@ -269,6 +269,8 @@ class _Files:
             m: dict[str, Any] = json.loads(self._fs.cat_file(f"{self._root}/manifest.json"))
         except FileNotFoundError:
             return None
+        except (NotADirectoryError, IsADirectoryError):
+            raise StoreError(f"{self.url} is not an activation store folder") from None
         except ValueError:
             raise StoreError(f"manifest.json of the store at {self.url} is not JSON") from None
         if m.get("format") != FORMAT or m.get("version") != VERSION:
@@ -394,7 +396,9 @@ class StoreWriter(_Files):
         self.meta = json.loads(json.dumps(dict(meta or {})))  # fails early if not JSON
         m = self._read_manifest()
         if m is not None and not resume:
-            raise StoreError(f"a store exists at {url}; pass resume=True to go on, or a new URL")
+            raise StoreError(
+                f"a store exists at {url}; rerun without --restart (resume=True) to go on, or give a new --out"
+            )
         if m is None:
             self._m = m = self._new_manifest()
             self._fs.makedirs(self._root, exist_ok=True)

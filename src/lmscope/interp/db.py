@@ -87,6 +87,9 @@ class FeatureDBWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # a killed (SIGKILL) earlier run cannot drop its temp file: drop it now
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
         self.tmp = Path(temp_path(self.path))
         self.conn = sqlite3.connect(self.tmp)
         self.conn.execute("PRAGMA journal_mode = OFF")  # the temp file is all-or-nothing anyway

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -125,13 +126,22 @@ def load_sae(path: str | Path, *, device: str | torch.device | None = None) -> S
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "weights.safetensors").is_file():
         raise SAEError(f"{path} is not an lmscope SAE folder (config.json + weights.safetensors)")
-    d = json.loads((path / "config.json").read_text())
-    version = d.pop("lmscope_format", None)
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except ValueError:
+        raise SAEError(f"{path}/config.json is not JSON") from None
+    version = d.pop("lmscope_format", None) if isinstance(d, dict) else None
     if version != NATIVE_VERSION:
         raise SAEError(
             f"{path}/config.json has lmscope_format={version}; expected {NATIVE_VERSION}"
         )
-    sae = _build(SAEConfig.from_dict(d), load_file(str(path / "weights.safetensors")))
+    try:
+        state = load_file(str(path / "weights.safetensors"))
+    except (SafetensorError, OSError) as e:  # truncated or not safetensors at all
+        raise SAEError(
+            f"{path}/weights.safetensors is unreadable ({e}); re-export or retrain it"
+        ) from None
+    sae = _build(SAEConfig.from_dict(d), state)
     return sae.to(device) if device is not None else sae
 
 

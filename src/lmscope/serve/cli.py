@@ -11,8 +11,11 @@ COMMANDS: tuple[str, ...] = ("serve",)
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from lmscope.errors import ConfigError
     from lmscope.serve.app import create_app
 
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0-65535, got {args.port}")
     app = create_app(args.suite, device=args.device)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lmscope serve: listening on {args.host}: anyone who can reach it can run the model")

@@ -421,7 +421,7 @@ def train_suite(
     folders = [s.folder for s in specs]
     rec = ck.read_commit(out)
     if rec is not None and not resume:
-        raise ConfigError(f"{out} holds a checkpoint (step {rec['step']}); pass resume=True or use another out_dir")  # fmt: skip
+        raise ConfigError(f"{out} holds a checkpoint (step {rec['step']}); resume it (`--resume`, resume=True) or use another --out")  # fmt: skip
     if rec is None and resume and all((out / f / "config.json").is_file() for f in folders):
         return [out / f for f in folders]  # finished earlier: nothing to resume
     sites = sorted({site for s in specs for site in s.sites})
@@ -485,7 +485,7 @@ def train_suite(
                         f.flush()
                     save_checkpoint()
                     why = "a signal" if stop.signum is not None else f"max_steps={cfg.max_steps}"
-                    raise TrainingInterrupted(f"stopped by {why} at step {step}/{total}; checkpoint in {out}; rerun with resume=True to continue")  # fmt: skip
+                    raise TrainingInterrupted(f"stopped by {why} at step {step}/{total}; checkpoint in {out}; rerun with `--resume` (resume=True) to continue")  # fmt: skip
                 raw = next(it, None)
                 if raw is None:  # the data ran out before total_tokens: finish with what we have
                     break
