@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+COMMANDS: tuple[str, ...] = (
+    "releases",
+    "pull",
+    "export-features",
+)  # the subcommands register() adds
+
 
 def _cmd_releases(args: argparse.Namespace) -> int:
     from lmscope.releases.registry import WIDTHS, releases
@@ -98,3 +104,6 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most this many features per SAE")
     p.add_argument("--check", action="store_true", help="validate the export against the schema")
     p.set_defaults(func=_cmd_export_features)
+
+
+__all__ = ["COMMANDS", "register"]
