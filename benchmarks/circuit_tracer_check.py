@@ -2,14 +2,20 @@
 
 Runs in the circuit-tracer venv (it pins transformers 4.x, so it cannot share lmscope's .venv):
 
-    python3 -m venv .venv-ct && .venv-ct/bin/pip install circuit-tracer==0.5.0
+    python3 -m venv .venv-ct && .venv-ct/bin/pip install circuit-tracer==0.5.0 "nnsight>=0.6,<0.7"
     .venv/bin/python benchmarks/circuits.py --suite S --dump runs/tc/graph.safetensors ...
     .venv-ct/bin/python benchmarks/circuit_tracer_check.py --model ~/.cache/lmscope/models/<gemma> \
         --suite S --dump runs/tc/graph.safetensors --json benchmarks/results/circuit_tracer_gemma.json
 
 circuit-tracer's nnsight backend reads the model folder directly; its Gemma 3 mapping's
 ``mlp.hook_in`` / ``hook_mlp_out`` are lmscope's ``mlp_in`` / ``mlp_out``, so the suite's folded
-transcoders load as they are (``W_enc`` transposed). It imports no lmscope code.
+transcoders load as they are (``W_enc`` transposed). It imports no lmscope code. (nnsight 0.8
+moved ``nnsight.intervention.tracing``, which circuit-tracer 0.5.0 imports: pin nnsight < 0.7.)
+A tokenizer folder saved by transformers 5 names ``TokenizersBackend``; 4.57 needs
+``PreTrainedTokenizerFast`` in its tokenizer_config.json.
+
+The comparison uses ``benchmarks/circuits.py --ct-conventions``: circuit-tracer zeroes the error
+nodes at BOS and writes raw embedding rows for token nodes (see ``circuit_tracer_conventions``).
 """
 
 from __future__ import annotations
