@@ -58,6 +58,18 @@ class SaeData:
     baseline_latents: list[np.ndarray]  # per baseline token: the latents firing there
     pool: list[Context]  # odd-rank random tokens
     pool_latents: list[np.ndarray]
+    pool_fires: dict[int, set[int]] = field(
+        default_factory=dict
+    )  # latent -> pool tokens it fires on
+    baseline_fires: dict[int, int] = field(default_factory=dict)  # latent -> bitmask over baseline
+
+    def __post_init__(self) -> None:
+        for k, lat in enumerate(self.pool_latents):
+            for j in lat.tolist():
+                self.pool_fires.setdefault(j, set()).add(k)
+        for k, lat in enumerate(self.baseline_latents):
+            for j in lat.tolist():
+                self.baseline_fires[j] = self.baseline_fires.get(j, 0) | (1 << k)
 
 
 class Corpus:
@@ -74,7 +86,7 @@ class Corpus:
 
     def left(self, seq: int, pos: int) -> tuple[int, ...]:
         ids = self.seqs[seq]
-        return tuple(int(t) for t in ids[max(0, pos - self.window) : pos + 1])
+        return tuple(ids[max(0, pos - self.window) : pos + 1])
 
     def text(self, token: int) -> str:
         return self.vocab.get(token, f"<{token}>")

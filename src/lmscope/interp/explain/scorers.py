@@ -75,7 +75,8 @@ def _rng(latent: Latent, what: str) -> random.Random:
 
 def detection_items(latent: Latent, data: SaeData, text: Callable[[int], str]) -> list[Item]:
     rng = _rng(latent, "detection")
-    silent = [c for c, lat in zip(data.pool, data.pool_latents) if latent.index not in lat]
+    fires = data.pool_fires.get(latent.index, set())
+    silent = [c for k, c in enumerate(data.pool) if k not in fires]
     negatives = rng.sample(silent, min(len(silent), len(latent.held)))
     items = [Item([text(t) for t in c.ids], True) for c in latent.held]
     items += [Item([text(t) for t in c.ids], False) for c in negatives]

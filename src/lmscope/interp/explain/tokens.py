@@ -74,7 +74,8 @@ class TokensExplainer:
         self.text = text
         self._keys: dict[int, str] = {}
         self.baseline = Masks.of(data.baseline, self.key)
-        self._fires = [set(lat.tolist()) for lat in data.baseline_latents]
+        self._fires = data.baseline_fires
+        self._all = (1 << len(data.baseline)) - 1
 
     def key(self, token: int) -> str:
         k = self._keys.get(token)
@@ -86,7 +87,7 @@ class TokensExplainer:
         pos = Masks.of(latent.shown, self.key)
         if pos.n == 0:
             return "no recorded contexts"
-        silent = sum(1 << i for i, f in enumerate(self._fires) if latent.index not in f)
+        silent = self._all & ~self._fires.get(latent.index, 0)
         n_neg = silent.bit_count()
         spelled: dict[str, Counter[str]] = {}
         for c in latent.shown:
