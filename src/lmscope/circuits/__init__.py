@@ -15,6 +15,7 @@ from lmscope.circuits.frozen import Frozen
 from lmscope.circuits.graph import Graph, attribute, build_graph, select_logits
 from lmscope.circuits.prune import Pruned, influence, node_influence, normalise, prune, scores
 from lmscope.circuits.replacement import Linearised, check_transcoders, linearise, suite_transcoders
+from lmscope.circuits.steer import clamp_features
 
 __all__ = [
     "Frozen",
@@ -24,6 +25,7 @@ __all__ = [
     "attribute",
     "build_graph",
     "check_transcoders",
+    "clamp_features",
     "graph_json",
     "influence",
     "linearise",
