@@ -294,6 +294,30 @@ class SAE(nn.Module):
         return out.to(self.W_enc.device)
 
 
+def fold_dim_scales(sae: S, r_in: Tensor, r_out: Tensor) -> S:
+    """An SAE trained on ``x / r_in`` (per dimension, reconstructing ``target / r_out``) as one on
+    ``x`` reconstructing ``target``, the ``b_dec`` shift folded into ``b_enc``:
+    ``W_enc' = diag(1/r_in)·W_enc``, ``b_enc' = b_enc − [apply]·(b_dec/… )·W_enc`` (in the scaled
+    space), ``W_dec' = W_dec·diag(r_out)``, ``b_dec' = r_out ⊙ b_dec``, ``W_skip' =
+    diag(1/r_in)·W_skip·diag(r_out)``; latents and θ are unchanged. Decoder rows are then no longer
+    unit-norm. A scalar C (``input_scale``) still applies on top, folded by ``folded()``.
+    """
+    sd = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    r_in, r_out = r_in.to(sd["W_enc"]), r_out.to(sd["W_dec"])
+    with torch.no_grad():
+        if sae.cfg.apply_b_dec_to_input:
+            sd["b_enc"] = sd["b_enc"] - sd["b_dec"] @ sd["W_enc"]
+        sd["W_enc"] = sd["W_enc"] / r_in[:, None]
+        sd["W_dec"] = sd["W_dec"] * r_out
+        sd["b_dec"] = sd["b_dec"] * r_out
+        if "W_skip" in sd:
+            sd["W_skip"] = sd["W_skip"] / r_in[:, None] * r_out
+    cfg = dataclasses.replace(copy.deepcopy(sae.cfg), apply_b_dec_to_input=False)
+    out = type(sae)(cfg)
+    out.load_state_dict(sd)
+    return out.to(sae.W_enc.device)
+
+
 def check_compatible(sae: SAE, site: str, d: int, *, out_d: int | None = None) -> None:
     """Raise ``SAEError`` when the model's site width ``d`` differs from what the SAE expects."""
     if sae.cfg.d_in != d:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from lmscope.atomic import write_bytes_atomic
 from lmscope.data import TokenBatches
@@ -214,6 +215,8 @@ def finetune_suite(
     batches = TokenBatches(corpus, loaded.tokenizer, seq_len=seq_len, batch_size=cfg.kl_batch_size,
                            split="train", seed=cfg.seed + 1, skip=step * cfg.kl_batch_size)  # fmt: skip
     needed = _needed(sm, saes)
+    bar = tqdm(total=total * len(norm), initial=step * len(norm), unit="splice",
+               desc=f"KL phase, {len(norm)} SAEs", disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
     try:
         with ck.StopOnSignal() as stop:
             while step < total:
@@ -239,10 +242,12 @@ def finetune_suite(
                     hist[i][1] = float(kl)
                     if step == 0:
                         hist[i][0] = float(kl)
+                    bar.update(1)
                 step += 1
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                     _save_ckpt(ckdir, step, names, norm, opts, hist, cfg)
     finally:
+        bar.close()
         for param, was in zip(loaded.model.parameters(), grads_were, strict=True):
             param.requires_grad_(was)
     for path, s, h in zip(paths, norm, hist, strict=True):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lmscope.errors import ConfigError, LmscopeError
 from lmscope.sae import SAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, build_sae, save_sae
+from lmscope.sae.base import fold_dim_scales
 from lmscope.train import checkpoint as ck
 from lmscope.train.config import TOPK_ARCHITECTURES, SAESpec, TrainConfig, check_unique
 from lmscope.train.dead import add_dead_latent_grads
@@ -73,6 +74,14 @@ class SiteStats:
     mean: Tensor  # float64 [d]
     mean_sq_norm: float  # E‖x‖²
     var: float  # E‖x − μ‖²
+    var_dim: Tensor | None = None  # float64 [d]: E(x_j − μ_j)²
+
+    def dim_scale(self) -> Tensor:
+        """``normalise = "per_dim"``: r_j = sqrt(d·var_j / var), so that x / (C·r) has every
+        dimension's variance equal and E‖x/(C·r) − μ/(C·r)‖² = 1 as with "centred" scaling."""
+        assert self.var_dim is not None
+        d = self.var_dim.numel()
+        return (self.var_dim.clamp_min(1e-12) * d / max(self.var, 1e-12)).sqrt().float()
 
     def scale(self, normalise: str) -> float:
         """C such that the SAE sees ``x / C``.
@@ -83,7 +92,7 @@ class SiteStats:
         different sites. Centred scaling puts every site's informative variance at 1 and ``b_dec``
         (initialised to μ/C) absorbs the mean; folding is the same scalar algebra either way.
         """
-        v = self.var if normalise == "centred" else self.mean_sq_norm
+        v = self.mean_sq_norm if normalise == "second_moment" else self.var
         return math.sqrt(max(v, 1e-12))
 
 
@@ -92,6 +101,7 @@ def calibrate(data: DataFactory, sites: Sequence[str], n_batches: int) -> dict[s
     it = data(0)
     sums: dict[str, Tensor] = {}
     sq: dict[str, float] = dict.fromkeys(sites, 0.0)
+    sq_dim: dict[str, Tensor] = {}
     rows = 0
     for _, batch in zip(range(n_batches), it):
         for s in sites:
@@ -100,6 +110,7 @@ def calibrate(data: DataFactory, sites: Sequence[str], n_batches: int) -> dict[s
             x = batch[s].detach().to(torch.float64)
             sums[s] = sums.get(s, 0) + x.sum(0)
             sq[s] += float(x.pow(2).sum())
+            sq_dim[s] = sq_dim.get(s, 0) + x.pow(2).sum(0)
         rows += next(iter(batch.values())).shape[0]
     if hasattr(it, "close"):
         it.close()
@@ -109,7 +120,8 @@ def calibrate(data: DataFactory, sites: Sequence[str], n_batches: int) -> dict[s
     for s in sites:
         mean = sums[s].cpu() / rows
         msq = sq[s] / rows
-        out[s] = SiteStats(mean=mean, mean_sq_norm=msq, var=msq - float(mean.pow(2).sum()))
+        var_dim = (sq_dim[s].cpu() / rows - mean.pow(2)).clamp_min(0)
+        out[s] = SiteStats(mean, msq, msq - float(mean.pow(2).sum()), var_dim)
     return out
 
 
@@ -130,6 +142,8 @@ class _Run:
     def __init__(self, spec: SAESpec, cfg: TrainConfig, dims: dict[str, int], scales: list[float]):
         self.spec, self.cfg = spec, cfg
         self.c_in, self.c_out = scales
+        self.r_in: Tensor | None = None  # normalise = "per_dim": x / (C·r), per dimension
+        self.r_out: Tensor | None = None
         tc = spec.out_site is not None
         sae_cfg = SAEConfig(
             spec.architecture,
@@ -185,15 +199,27 @@ class _Run:
         """Start b_dec at the data mean so it absorbs the (large, near-constant) mean from step 0."""
         sae, s = self.sae, self.spec
         dt = sae.cfg.torch_dtype
-        mu_out = (stats[s.out_site or s.site].mean / self.c_out).to(sae.W_dec.device, dt)
+        if self.cfg.normalise == "per_dim":
+            dev = sae.W_enc.device
+            self.r_in = stats[s.site].dim_scale().to(dev, dt)
+            self.r_out = stats[s.out_site or s.site].dim_scale().to(dev, dt)
+        mu_out = self._scaled_out(stats[s.out_site or s.site].mean.to(sae.W_dec.device, dt))
         with torch.no_grad():
             sae.b_dec.copy_(mu_out)
             if s.out_site is not None:  # a transcoder's input has no b_dec shift: centre via b_enc
-                mu_in = (stats[s.site].mean / self.c_in).to(sae.W_enc.device, dt)
+                mu_in = self._scaled_in(stats[s.site].mean.to(sae.W_enc.device, dt))
                 sae.b_enc.copy_(-(mu_in @ sae.W_enc))
             if isinstance(getattr(sae, "threshold", None), nn.Parameter):
                 sae.get_parameter("threshold").fill_(self.cfg.threshold_init)
         self.target_mean.copy_(mu_out)
+
+    def _scaled_in(self, x: Tensor) -> Tensor:
+        x = x / self.c_in
+        return x if self.r_in is None else x / self.r_in
+
+    def _scaled_out(self, x: Tensor) -> Tensor:
+        x = x / self.c_out
+        return x if self.r_out is None else x / self.r_out
 
     def lam(self, step: int) -> float:
         if self.topk:
@@ -209,8 +235,8 @@ class _Run:
 
     def train_step(self, batch: dict[str, Tensor], step: int) -> None:
         sae, s, cfg = self.sae, self.spec, self.cfg
-        x = batch[s.site] / self.c_in
-        t = batch[s.out_site] / self.c_out if s.out_site else x
+        x = self._scaled_in(batch[s.site])
+        t = self._scaled_out(batch[s.out_site]) if s.out_site else x
         lam = self.lam(step)
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(step)
@@ -333,6 +359,8 @@ class _Run:
         tensors.update(ck.optimizer_tensors(self.opt, self.names))
         tensors["since_fire"] = self.since_fire
         tensors["target_mean"] = self.target_mean
+        if self.r_in is not None and self.r_out is not None:
+            tensors["r_in"], tensors["r_out"] = self.r_in, self.r_out
         scalars = {
             "spec": asdict(self.spec),
             "dims": dict(zip(self.spec.sites, (self.sae.cfg.d_in, self.sae.cfg.out_dim))),
@@ -352,6 +380,9 @@ class _Run:
         ck.load_optimizer_tensors(self.opt, self.names, tensors)
         self.since_fire = tensors["since_fire"].to(self.cfg.device)
         self.target_mean = tensors["target_mean"].to(self.cfg.device)
+        if "r_in" in tensors:
+            self.r_in = tensors["r_in"].to(self.cfg.device)
+            self.r_out = tensors["r_out"].to(self.cfg.device)
         if scalars["controller"] is not None:
             self.ctl = L0Controller.from_state(scalars["controller"])
         self.window, self.last = list(scalars["window"]), dict(scalars["last"])
@@ -359,7 +390,10 @@ class _Run:
 
     def final(self, steps: int, tokens: int) -> SAE:
         """The inference SAE: C folded in, training summary in its config."""
-        out = self.sae.folded()
+        sae = self.sae
+        if self.r_in is not None and self.r_out is not None:
+            sae = fold_dim_scales(sae, self.r_in, self.r_out)
+        out = sae.folded()
         if isinstance(out, BatchTopKSAE):
             out = out.to_jumprelu()  # its inference form (DESIGN: saved as JumpReLU)
         keep = ("l0", "fvu", "dead", "lambda")
