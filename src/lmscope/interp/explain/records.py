@@ -86,7 +86,8 @@ class Corpus:
 
     def left(self, seq: int, pos: int) -> tuple[int, ...]:
         ids = self.seqs[seq]
-        return tuple(ids[max(0, pos - self.window) : pos + 1])
+        lo = pos - self.window
+        return tuple(ids[lo if lo > 0 else 0 : pos + 1])
 
     def text(self, token: int) -> str:
         return self.vocab.get(token, f"<{token}>")
@@ -96,8 +97,8 @@ def _context(corpus: Corpus, act: float, seq: int, pos: int, blob: bytes) -> Con
     ids = corpus.left(seq, pos)
     window = np.frombuffer(blob, dtype=np.float32)
     w = (len(window) - 1) // 2
-    acts = window[w - (len(ids) - 1) : w + 1] if len(window) else np.zeros(0)
-    return Context(ids, act, tuple(float(a) for a in acts), (seq, pos))
+    acts = tuple(window[w - len(ids) + 1 : w + 1].tolist()) if len(window) else ()
+    return Context(ids, act, acts, (seq, pos))
 
 
 def load_sae(conn: sqlite3.Connection, corpus: Corpus, sae: int, name: str, latents: list[int] | None = None) -> SaeData:  # fmt: skip
