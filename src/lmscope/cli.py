@@ -202,6 +202,11 @@ def _train(args: argparse.Namespace, ranks: Any) -> int:
                           ranks_per_sae=args.ranks_per_sae)  # fmt: skip
     if not ranks.leader:
         return 0
+    if cfg.kl_tokens > 0:  # the KL phase ([train] kl_tokens): the SAEs spliced into the model
+        from lmscope.train.finetune import finetune_suite
+
+        kl_model = loaded if args.store is None else load_model(model, dtype=model_dtype)
+        finetune_suite(kl_model, folders, cfg, corpus=corpus, seq_len=seq_len, resume=True)
     record_training(out, folders, model=model, corpus=corpus, seq_len=seq_len, model_dtype=model_dtype)  # fmt: skip
     if is_remote(args.out):  # a local --out is trained in place (work_dir_for made it absolute)
         publish_suite(out, args.out)
