@@ -44,10 +44,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _holds_a_report(p: Any) -> bool:
+    return all(c.name in ("index.html", "plots") for c in p.iterdir())
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from lmscope.evals.report import write_report
+    from lmscope.outputs import claim_dir
     from lmscope.suite import Suite
 
+    if args.out is not None:  # the default <suite>/report is the report's own
+        claim_dir(args.out, owned=_holds_a_report, command="report", force=args.force)
     index = write_report(Suite.open(args.suite), args.out)
     print(f"wrote {index} (open it in a browser)")
     return 0
@@ -114,6 +121,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("suite", help="suite folder (evaluate it first with `lmscope eval`)")
     p.add_argument("--out", default=None, help="report folder (default: <suite>/report)")
+    p.add_argument(
+        "--force", action="store_true", help="replace --out even if it holds other files"
+    )
     p.set_defaults(func=_cmd_report)
 
 
