@@ -33,7 +33,7 @@ class InspectRequest(BaseModel):
 class SteerFeature(BaseModel):
     sae: str = NAME
     index: int = Field(ge=0, description="the feature (latent) index")
-    coeff: float = Field(ge=-LIMITS.max_coeff, le=LIMITS.max_coeff, description="added coeff × the feature's decoder direction")  # fmt: skip
+    coeff: float = Field(ge=-LIMITS.max_coeff, le=LIMITS.max_coeff, description="multiples of the feature's max activation (features.db; else the site's mean norm on the prompt) along its decoder direction")  # fmt: skip
 
 
 class SteerRequest(BaseModel):
@@ -74,7 +74,7 @@ def features(
     request: Request,
     sae: str,
     order: str = Query("density", description=f"one of {', '.join(catalog.ORDERS)}"),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=2**31 - 1),  # SQLite's integers end at 2⁶³: a 500 beyond
     limit: int = Query(50, ge=1, le=LIMITS.max_page),
 ) -> list[dict[str, Any]]:
     return catalog.feature_list(_engine(request), sae, order=order, offset=offset, limit=limit)

@@ -97,6 +97,14 @@ def _wants_json(request: Request) -> bool:
 
 
 def _reply(request: Request, status: int, message: str) -> Response:
+    response = _error_response(request, status, message)
+    # a 500 leaves through Starlette's outermost middleware, past security_headers: set them here
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    return response
+
+
+def _error_response(request: Request, status: int, message: str) -> Response:
     if _wants_json(request):
         return JSONResponse({"error": message}, status_code=status)
     env = request.app.state.templates

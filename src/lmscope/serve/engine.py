@@ -47,6 +47,12 @@ class Limits:
     max_page: int = 200
 
 
+# Steering coefficients are multiples of the feature's max activation (from features.db; without
+# it, of the site's mean activation norm on the prompt), as on Neuronpedia: a raw coefficient of 10
+# was noise on Gemma's residual stream, whose norms are in the thousands, and huge on attn_z.
+DEFAULT_STEER_COEFF = 8.0
+
+
 @dataclass
 class Progress:
     """What the model worker is doing now: a task, its step out of steps, and how many wait."""
@@ -153,6 +159,49 @@ class Engine:
             self._saes[name] = sae
         return self._saes[name]
 
+    def max_act(self, name: str, index: int) -> float:
+        """The feature's max activation recorded by `lmscope interpret` (0.0 without features.db)."""
+        from lmscope.interp.query import feature
+
+        try:
+            return float(feature(self.suite, name, index).max_act)
+        except LmscopeError:  # no features.db, or it lacks this SAE
+            return 0.0
+
+    def steer_unit(self, name: str, index: int, ids: Any) -> tuple[float, str]:
+        """What steering coefficient 1 adds for a feature, and what that is: its max activation,
+        or (never seen firing) the site's mean activation norm on the prompt ``ids``, over the
+        length of its decoder direction."""
+        import torch
+
+        top = self.max_act(name, index)
+        if top > 0:
+            return top, "max_act"
+        assert self._sites is not None
+        site = self._entries[name]["site"]
+        with torch.inference_mode():
+            x = self._sites.run(ids, read=[site], return_logits=False).acts[site][0, 1:]
+            w = self._sae(name).W_dec[index].norm()
+        return float(x.norm(dim=-1).mean() / w.clamp(min=1e-12)), "site_norm"
+
+    def default_sae(self) -> str:
+        """The steering page's first SAE: the middle layer's residual stream, where steering
+        reads most clearly in the output (else the suite's first SAE)."""
+        resid = [s for s in self.suite.sites if s.endswith(".resid_post")]
+        if not resid:
+            return str(self.suite.entries[0]["name"])
+        return self.suite.resolve(resid[len(resid) // 2])
+
+    def default_feature(self, name: str) -> int:
+        """A feature worth steering with by default: the SAE's strongest (0 without features.db)."""
+        from lmscope.interp.query import features
+
+        try:
+            top = features(self.suite, name, order="max_act", limit=1)
+        except LmscopeError:
+            return 0
+        return top[0].index if top else 0
+
     def _tokenize(self, text: str) -> tuple[Any, list[str]]:
         import torch
 
@@ -234,9 +283,10 @@ class Engine:
             self.check_feature(name, index)
         with self.task("steer", steps=5) as step:
             loaded, _ = self._model(step)
-            self._tokenize(prompt)  # bounds the prompt
+            ids, _ = self._tokenize(prompt)  # bounds the prompt
             step(f"loading {len(features)} SAE(s)")
-            interventions = [Steer(self._sae(n), i, c) for n, i, c in features]
+            units = [self.steer_unit(n, i, ids) for n, i, _ in features]
+            interventions = [Steer(self._sae(n), i, c * u[0]) for (n, i, c), u in zip(features, units)]  # fmt: skip
             step(f"generating {max_new_tokens} tokens without steering")
             plain = generate(loaded, prompt, (), max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed)  # fmt: skip
@@ -247,5 +297,6 @@ class Engine:
             nxt = compare(loaded, prompt, interventions, top=8)
         return {"prompt": prompt, "baseline": plain, "steered": steered,
                 "next_token": {"baseline": nxt["clean"], "steered": nxt["intervened"], "kl": nxt["kl"]},
-                "features": [{"sae": n, "index": i, "coeff": c} for n, i, c in features],
+                "features": [{"sae": n, "index": i, "coeff": c, "unit": u, "unit_of": w, "strength": c * u}
+                             for (n, i, c), (u, w) in zip(features, units)],
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}  # fmt: skip

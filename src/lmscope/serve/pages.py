@@ -11,7 +11,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from lmscope.serve import catalog, views
 from lmscope.serve.api import LIMITS
-from lmscope.serve.engine import Engine, ServeError
+from lmscope.serve.engine import DEFAULT_STEER_COEFF, Engine, ServeError
 
 FRONTIER_METRICS = ("fvu", "delta_lm_loss", "ce_recovered", "kl")
 TABLE_METRICS = ("l0", "fvu", "explained_variance", "cos_sim", "delta_lm_loss", "kl", "ce_recovered", "dead", "dense")  # fmt: skip
@@ -68,7 +68,7 @@ def sae_page(
     q: str = Query("", max_length=200),
     by: str = Query("activating", max_length=20),
     order: str = Query("density", max_length=20),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=2**31 - 1),
 ) -> HTMLResponse:
     engine = _engine(request)
     detail = catalog.sae_detail(engine, sae)
@@ -100,9 +100,14 @@ def feature_page(request: Request, sae: str, index: int) -> HTMLResponse:
                   entry=engine.entry(sae), known=set(engine.suite.names))  # fmt: skip
 
 
+INSPECT_TEXT = "The capital of France is Paris. def add(a, b):\n    return a + b"
+
+
 def _sae_options(engine: Engine) -> dict[str, Any]:
     entries = engine.suite.entries
     kinds = list(dict.fromkeys(e["kind"] for e in entries))
+    # the inspector's first choice: the residual stream reads best (attn_z strips rarely fire)
+    kinds.sort(key=lambda k: k != "resid_post")
     return {"saes": [e["name"] for e in entries], "kinds": kinds}
 
 
@@ -116,6 +121,7 @@ def inspect_page(
     engine = _engine(request)
     if sae:
         engine.entry(sae)
+    text = text or INSPECT_TEXT  # something to inspect at the first click
     return render(request, "inspect.html", text=text, sae=sae, feature=feature, **_sae_options(engine))  # fmt: skip
 
 
@@ -129,7 +135,13 @@ def steer_page(
     engine = _engine(request)
     if sae:
         engine.entry(sae)
-    return render(request, "steer.html", sae=sae, feature=feature, coeff=coeff, **_sae_options(engine))  # fmt: skip
+    options = _sae_options(engine)
+    if not sae and feature is None:  # defaults that visibly steer (issue 16)
+        sae = engine.default_sae()
+    if feature is None:
+        feature = engine.default_feature(sae or options["saes"][0])
+    coeff = coeff or DEFAULT_STEER_COEFF
+    return render(request, "steer.html", sae=sae, feature=feature, coeff=coeff, **options)
 
 
 @router.get("/report/{name:path}")

@@ -101,8 +101,16 @@ function renderInspect(data) {
     h.append(el("a", { href: "/sae/" + encodeURIComponent(s.sae) }, s.sae));
     section.append(h);
     const strip = el("div", { class: "ctx" });
+    // each token coloured by its strongest feature, named on hover (scale: this SAE on this text)
+    const best = s.top.map((fs) => (fs.length ? fs[0] : null));
+    const scale = Math.max(0, ...best.map((f) => (f ? f.act : 0)));
     data.tokens.forEach((t, i) => {
-      const span = el("span", { class: "tok", "data-i": String(i), title: `${s.l0[i]} features active` }, showToken(t));
+      const span = el("span", { class: "tok", "data-i": String(i) }, showToken(t));
+      paintToken(span, best[i] ? best[i].act : 0, scale);
+      if (best[i]) span.dataset.feature = String(best[i].index);
+      span.title = best[i]
+        ? `top feature #${best[i].index} (${best[i].act.toFixed(3)}); ${s.l0[i]} features active`
+        : "no feature fires here";
       span.addEventListener("click", () => showTokenDetail(s, data.tokens, i));
       strip.append(span);
     });
