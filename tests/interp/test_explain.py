@@ -221,3 +221,23 @@ def test_random_tokens_hold_every_latent_that_fires_there(interpreted: Interpret
             assert np.frombuffer(lat, dtype=np.int32).tolist() == want.tolist()
             assert np.frombuffer(act, dtype=np.float32).tolist() == f[seq, pos, want].tolist()
     conn.close()
+
+
+def test_rerunning_interpret_keeps_labels_of_the_same_records_and_drops_others(interpreted: Interpreted, suite: Suite) -> None:  # fmt: skip
+    from dataclasses import replace
+
+    from lmscope.interp.pipeline import interpret
+    from lmscope.model import tiny_model
+
+    explain(suite, latents=4, progress=False)
+    before = _rows(suite, "SELECT sae, idx, explainer, label FROM explanations ORDER BY sae, idx")
+    scores = _rows(suite, "SELECT * FROM scores ORDER BY sae, idx, scorer")
+    interpret(suite, interpreted.cfg, loaded=tiny_model("gemma3"), progress=False)
+    assert (
+        _rows(suite, "SELECT sae, idx, explainer, label FROM explanations ORDER BY sae, idx")
+        == before
+    )
+    assert _rows(suite, "SELECT * FROM scores ORDER BY sae, idx, scorer") == scores
+    assert explain(suite, latents=4, progress=False).labelled == 0  # nothing left to do
+    interpret(suite, replace(interpreted.cfg, seed=1), loaded=tiny_model("gemma3"), progress=False)
+    assert _rows(suite, "SELECT COUNT(*) FROM explanations") == [(0,)]  # other records: labels gone
