@@ -34,21 +34,22 @@ from lmscope.errors import CircuitError
 
 
 def normalise(adjacency: Tensor) -> Tensor:
-    """``|A|`` with every row divided by its sum; all-zero rows stay zero."""
-    a = adjacency.abs().double()
-    return (a / a.sum(1, keepdim=True).clamp_min(1e-30)).float()
+    """``|A|`` with every row divided by its sum; all-zero rows stay zero (one float32 copy:
+    a Gemma 3 270M graph's adjacency is ~18k × 18k)."""
+    a = adjacency.abs().float()
+    a /= a.sum(1, keepdim=True, dtype=torch.float64).clamp_min(1e-30).float()
+    return a
 
 
 def influence(normalised: Tensor, weights: Tensor) -> Tensor:
     """``Σ_{k≥1} weights @ normalised^k``, summed until a term is all zero (acyclic graphs)."""
-    total = torch.zeros_like(weights, dtype=torch.float64)
-    term = weights.double()
-    a = normalised.double()
+    total = torch.zeros(weights.shape, dtype=torch.float64)
+    term = weights.float()
     for _ in range(normalised.shape[0] + 1):
-        term = term @ a
+        term = term @ normalised
         if not bool(term.any()):
             return total.float()
-        total += term
+        total += term.double()
     raise CircuitError("influence did not converge: the adjacency matrix has a cycle")
 
 
@@ -74,8 +75,11 @@ def scores(graph: Graph) -> tuple[float, float]:
 
 def _cut(values: Tensor, share: float) -> float:
     """The smallest value among the top values that together carry ``share`` of the total."""
-    ranked = values.double().sort(descending=True).values
-    cum = ranked.cumsum(0) / ranked.sum().clamp_min(1e-30)
+    positive = values[values > 0]  # zeros never change a cumulative share
+    if positive.numel() == 0:
+        return 0.0
+    ranked = positive.double().sort(descending=True).values
+    cum = ranked.cumsum(0) / ranked.sum()
     i = min(int(torch.searchsorted(cum, torch.tensor(share, dtype=cum.dtype))), len(ranked) - 1)
     return float(ranked[i])
 
@@ -104,12 +108,13 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     nodes = infl >= _cut(infl, node_threshold)
     fixed = graph.n_nodes - graph.n_tokens - len(graph.logit_ids)  # features and errors
     nodes[fixed:] = True
-    a = graph.adjacency.clone()
-    a[~nodes] = 0
-    a[:, ~nodes] = 0
-    norm = normalise(a)
-    edge_scores = norm * (influence(norm, w) + w)[:, None]
-    edges = (edge_scores >= _cut(edge_scores.flatten(), edge_threshold)) & (a != 0)
+    scores_ = graph.adjacency.abs()  # one n × n copy, reused in place for the edge scores
+    scores_[~nodes] = 0
+    scores_[:, ~nodes] = 0
+    scores_ /= scores_.sum(1, keepdim=True, dtype=torch.float64).clamp_min(1e-30).float()
+    scores_ *= (influence(scores_, w) + w)[:, None]
+    edges = scores_ >= max(_cut(scores_.flatten(), edge_threshold), 1e-30)
+    del scores_
     nf = graph.n_features
     while True:
         before = nodes.clone()
