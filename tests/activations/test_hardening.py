@@ -132,3 +132,32 @@ def test_harvest_refuses_an_out_holding_other_files(corpus: Path, tmp_path: Path
     assert main([*argv, str(tmp_path)]) == 2
     assert main([*argv, str(tmp_path / "notes.txt")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_batches_hold_a_bounded_shuffle_buffer_not_the_whole_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 13: the default shuffle buffer was 10⁶ rows of every site, so training the quick
+    build held its whole 6.6 GB store in memory. It is now bounded in bytes (at least a shard)."""
+    import tracemalloc
+
+    import lmscope.activations.store as store_mod
+
+    url, sites = str(tmp_path / "s"), {f"L{i}.resid_post": 64 for i in range(4)}
+    g = torch.Generator().manual_seed(0)
+    with StoreWriter(url, sites=sites, model_name="m", shard_rows=256) as w:
+        for _ in range(16):  # 16 shards of 256 rows: 4 MiB of float32 rows in all
+            w.append({s: torch.randn(256, 64, generator=g) for s in sites},
+                     torch.ones(1, 256, dtype=torch.long), torch.ones(1, 256, dtype=torch.bool))  # fmt: skip
+    store = ActivationStore(url)
+    whole = store.rows * 4 * 64 * 4
+    monkeypatch.setattr(store_mod, "SHUFFLE_BYTES", whole // 8)  # two shards' worth
+    tracemalloc.start()
+    try:
+        seen = [b["row"] for b in store.iter_batches(list(sites), 100, return_rows=True)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < whole / 2, (peak, whole)
+    rows = torch.cat(seen)
+    assert len(rows) == len(set(rows.tolist())) == store.rows  # still each row once per epoch
