@@ -95,12 +95,12 @@ def test_a_rerun_labels_nothing_twice_and_finishes_what_was_left(suite: Suite) -
     first = explain(suite, latents=3, progress=False)
     n_saes = len(suite.names)
     assert first.labelled == 3 * n_saes
-    labels = _rows(suite, "SELECT sae, idx, label, created FROM explanations")
+    labels = _rows(suite, "SELECT sae, idx, label FROM explanations")
     second = explain(suite, progress=False)
     assert second.skipped == 3 * n_saes
     live = _rows(suite, "SELECT COUNT(*) FROM features WHERE n_fire > 0")[0][0]
     assert second.labelled == live - 3 * n_saes
-    after = set(_rows(suite, "SELECT sae, idx, label, created FROM explanations"))
+    after = set(_rows(suite, "SELECT sae, idx, label FROM explanations"))
     assert set(labels) <= after  # the first run's labels were kept as they were
     assert explain(suite, progress=False).labelled == 0
 

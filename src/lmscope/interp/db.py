@@ -56,11 +56,12 @@ CREATE INDEX vocab_by_norm ON vocab (norm);
 """
 RELATIONS = ("same", "prev", "next")
 # Written by `lmscope explain` in place, a latent per transaction (so a killed run keeps what it
-# finished); created empty by interpret, and by explain in databases older than them.
+# finished); created empty by interpret, and by explain in databases older than them. No
+# timestamps, and the search index is rebuilt whole from `explanations` (`explain.store.reindex`),
+# so the same labels give the same file contents however many runs wrote them.
 EXPLAIN_SCHEMA = """
 CREATE TABLE IF NOT EXISTS explanations (sae INTEGER NOT NULL, idx INTEGER NOT NULL,
-    explainer TEXT NOT NULL, label TEXT NOT NULL, created TEXT NOT NULL,
-    PRIMARY KEY (sae, idx, explainer)) WITHOUT ROWID;
+    explainer TEXT NOT NULL, label TEXT NOT NULL, PRIMARY KEY (sae, idx, explainer)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS scores (sae INTEGER NOT NULL, idx INTEGER NOT NULL,
     explainer TEXT NOT NULL, scorer TEXT NOT NULL, judge TEXT NOT NULL, value REAL,
     n INTEGER NOT NULL, PRIMARY KEY (sae, idx, explainer, scorer)) WITHOUT ROWID;

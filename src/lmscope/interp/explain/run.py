@@ -138,7 +138,10 @@ def explain(
             )
         return report
     finally:
-        conn.close()
+        try:
+            store.reindex(conn)  # search sees what finished, also after an error
+        finally:
+            conn.close()
 
 
 Scores = dict[str, tuple[float | None, int]]

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from lmscope.interp.db import EXPLAIN_SCHEMA, FORMAT
+
+LABEL_SEARCH = "CREATE VIRTUAL TABLE label_search USING fts5(label, sae UNINDEXED, idx UNINDEXED, explainer UNINDEXED)"
 
 # meta keys that must agree for an old database's explanations to hold for a new one
 SAME_RECORDS = ("suite", "corpus", "split", "seed", "seq_len", "tokens", "config")
@@ -53,17 +54,23 @@ def labelled(conn: sqlite3.Connection, sae: int, explainer: str) -> dict[int, st
 
 
 def put_label(conn: sqlite3.Connection, sae: int, idx: int, explainer: str, label: str) -> None:
-    """Store (or replace) a label; the caller commits."""
-    now = datetime.now(UTC).isoformat(timespec="seconds")
+    """Store (or replace) a label; the caller commits, and `reindex` updates search at the end."""
     conn.execute(
-        "INSERT OR REPLACE INTO explanations VALUES (?, ?, ?, ?, ?)",
-        (sae, idx, explainer, label, now),
+        "INSERT OR REPLACE INTO explanations VALUES (?, ?, ?, ?)", (sae, idx, explainer, label)
     )
-    conn.execute(
-        "DELETE FROM label_search WHERE sae = ? AND idx = ? AND explainer = ?",
-        (sae, idx, explainer),
-    )
-    conn.execute("INSERT INTO label_search (label, sae, idx, explainer) VALUES (?, ?, ?, ?)", (label, sae, idx, explainer))  # fmt: skip
+
+
+def reindex(conn: sqlite3.Connection) -> None:
+    """Rebuild the label search index from `explanations` in one transaction (fresh, rows in key
+    order), so that its contents depend only on the labels, not on the runs that wrote them."""
+    with conn:
+        conn.execute("DROP TABLE IF EXISTS label_search")
+        conn.execute(LABEL_SEARCH)
+        conn.execute(
+            "INSERT INTO label_search (rowid, label, sae, idx, explainer) "
+            "SELECT ROW_NUMBER() OVER (ORDER BY sae, idx, explainer), label, sae, idx, explainer "
+            "FROM explanations ORDER BY sae, idx, explainer"
+        )
 
 
 def put_score(conn: sqlite3.Connection, sae: int, idx: int, explainer: str, scorer: str, judge: str,
@@ -94,14 +101,13 @@ def carry_over(old: Path, new: sqlite3.Connection) -> int:
         saes_new = new.execute("SELECT id, name, d_sae FROM saes ORDER BY id").fetchall()
         if saes_old != saes_new:
             return 0
-        expl = src.execute("SELECT * FROM explanations").fetchall()
+        expl = src.execute("SELECT sae, idx, explainer, label FROM explanations").fetchall()
         scores = src.execute("SELECT * FROM scores").fetchall()
     except sqlite3.Error:  # an older database without the tables, or not a database at all
         return 0
     finally:
         src.close()
-    new.executemany("INSERT INTO explanations VALUES (?, ?, ?, ?, ?)", expl)
+    new.executemany("INSERT INTO explanations VALUES (?, ?, ?, ?)", expl)
     new.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?)", scores)
-    new.executemany("INSERT INTO label_search (label, sae, idx, explainer) VALUES (?, ?, ?, ?)",
-                    [(lab, s, i, e) for s, i, e, lab, _ in expl])  # fmt: skip
+    reindex(new)
     return len(expl)
