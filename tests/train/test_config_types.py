@@ -56,3 +56,16 @@ def test_sae_spec_refuses_wrong_types(kw: dict[str, object]) -> None:
     base: dict[str, object] = {"site": "L0.resid_post", "width": 64, "target_l0": 8.0}
     with pytest.raises(ConfigError, match=next(iter(kw))):
         SAESpec(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_a_refused_rerun_names_the_cli_flag(tiny_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Defect 9: the refusal said "pass resume=True" where the command-line flag is --resume."""
+    from lmscope.train import TrainingInterrupted, train_suite
+
+    spec = SAESpec("L0.resid_post", 32, target_l0=4.0)
+    cfg = TrainConfig(total_tokens=64 * 20, batch_size=64, max_steps=3, norm_batches=2,
+                      progress=False, log_every=1)  # fmt: skip
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train_suite([spec], tiny_data, cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match="--resume"):
+        train_suite([spec], tiny_data, cfg, tmp_path / "run")
