@@ -128,6 +128,7 @@ function showTokenDetail(s, tokens, i) {
     const li = el("li");
     li.append(el("a", { href: featureHref(s.sae, f.index), class: "feature-link" }, `#${f.index}`));
     li.append(document.createTextNode(` ${f.act.toFixed(3)} `));
+    if (f.label) li.append(el("span", { class: "label", title: `detection ${f.score == null ? "–" : f.score.toFixed(2)}` }, f.label), document.createTextNode(" "));
     const b = el("button", { type: "button", class: "hl-button" }, "highlight");
     b.addEventListener("click", () => highlight(s.sae, f.index));
     li.append(b);
@@ -136,7 +137,6 @@ function showTokenDetail(s, tokens, i) {
   if (!s.top[i].length) list.append(el("li", { class: "muted" }, "no feature fires here"));
   box.append(list);
   box.hidden = false;
-    if (f.label) li.append(el("span", { class: "label", title: `detection ${f.score == null ? "–" : f.score.toFixed(2)}` }, f.label), document.createTextNode(" "));
 }
 
 async function highlight(sae, index) {
@@ -153,6 +153,7 @@ async function highlight(sae, index) {
   const scale = Math.max(0, ...acts);
   const title = $("hl-title");
   title.replaceChildren(el("a", { href: featureHref(sae, index), class: "feature-link" }, `${sae} #${index}`));
+  if (data.feature.label) title.append(document.createTextNode(" "), el("span", { class: "label" }, data.feature.label));
   title.append(document.createTextNode(` · max ${scale.toFixed(3)} on this text`));
   const strip = $("hl-tokens");
   strip.replaceChildren();
@@ -161,7 +162,6 @@ async function highlight(sae, index) {
     paintToken(span, acts[i], scale);
     strip.append(span);
   });
-  if (data.feature.label) title.append(document.createTextNode(" "), el("span", { class: "label" }, data.feature.label));
   $("highlighted").hidden = false;
   // the same colours on that SAE's own strip, when it is shown
   for (const section of document.querySelectorAll(".sae-result")) {
@@ -199,14 +199,6 @@ function setupSteering() {
   const wire = (row) => row.querySelector(".s-remove").addEventListener("click", () => {
     if (body.querySelectorAll(".steer-row").length > 1) row.remove();
   });
-  wire(body.querySelector(".steer-row"));
-  $("add-feature").addEventListener("click", () => {
-    const row = template.cloneNode(true);
-    wire(row);
-    body.append(row);
-  });
-  form.addEventListener("submit", async (ev) => {
-    ev.preventDefault();
   // each row shows its feature's label (lmscope explain), fetched when the SAE or index changes
   const showLabel = async (row) => {
     const cell = row.querySelector(".s-label");
@@ -226,12 +218,20 @@ function setupSteering() {
     row.querySelector(".s-index").addEventListener("change", () => showLabel(row));
     showLabel(row);
   };
-    const features = [...body.querySelectorAll(".steer-row")].map((row) => ({
+  wire(body.querySelector(".steer-row"));
   wireLabel(body.querySelector(".steer-row"));
+  $("add-feature").addEventListener("click", () => {
+    const row = template.cloneNode(true);
+    wire(row);
+    wireLabel(row);
+    body.append(row);
+  });
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const features = [...body.querySelectorAll(".steer-row")].map((row) => ({
       sae: row.querySelector(".s-sae").value,
       index: Number(row.querySelector(".s-index").value),
       coeff: Number(row.querySelector(".s-coeff").value),
-    wireLabel(row);
     }));
     const req = {
       prompt: $("prompt").value,
