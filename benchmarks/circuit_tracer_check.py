@@ -45,9 +45,15 @@ def transcoder_set(suite: Path):  # circuit-tracer types; imported late
         cfg = json.loads((suite / e["name"] / "config.json").read_text())
         assert cfg["input_scale"] == 1.0 and cfg.get("output_scale") in (None, 1.0), "not folded"
         w = load_file(str(suite / e["name"] / "weights.safetensors"))
-        tc = SingleLayerTranscoder(cfg["d_in"], cfg["d_sae"], JumpReLU(w["threshold"].float(), 0.1),
-                                   e["layer"], skip_connection="W_skip" in w,
-                                   device=torch.device("cpu"), dtype=torch.float32)  # fmt: skip
+        tc = SingleLayerTranscoder(
+            cfg["d_in"],
+            cfg["d_sae"],
+            JumpReLU(w["threshold"].float(), 0.1),
+            e["layer"],
+            skip_connection="W_skip" in w,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
         with torch.no_grad():
             tc.W_enc.copy_(w["W_enc"].T)
             tc.W_dec.copy_(w["W_dec"])
@@ -82,8 +88,14 @@ def main() -> None:
         args.model, transcoder_set(args.suite), device="cpu", dtype=torch.float32
     )
     start = time.perf_counter()
-    g = attribute(ours["token_ids"], model, max_n_logits=10, desired_logit_prob=0.95,
-                  batch_size=args.batch_size, max_feature_nodes=None)  # fmt: skip
+    g = attribute(
+        ours["token_ids"],
+        model,
+        max_n_logits=10,
+        desired_logit_prob=0.95,
+        batch_size=args.batch_size,
+        max_feature_nodes=None,
+    )
     seconds = time.perf_counter() - start
     ct_feats = g.active_features[g.selected_features].tolist()
     our_feats = {tuple(f): i for i, f in enumerate(ours["features"].tolist())}
@@ -93,7 +105,9 @@ def main() -> None:
     )
     assert g.logit_token_ids.tolist() == ours["logit_ids"].tolist(), "logit nodes differ"
     # circuit-tracer's node order → lmscope's
-    perm = torch.tensor([our_feats[tuple(f)] for f in ct_feats] + list(range(n_f, ours["adjacency"].shape[0])))  # fmt: skip
+    perm = torch.tensor(
+        [our_feats[tuple(f)] for f in ct_feats] + list(range(n_f, ours["adjacency"].shape[0]))
+    )
     a_ct = torch.zeros_like(ours["adjacency"])
     a_ct[perm[:, None], perm[None, :]] = g.adjacency_matrix.float().cpu()
     a = ours["adjacency"]
@@ -103,7 +117,9 @@ def main() -> None:
     w = torch.zeros(a.shape[0])
     w[-len(ours["logit_ids"]) :] = g.logit_probabilities.float().cpu()
     infl_ct = torch.zeros(a.shape[0])
-    infl_ct[perm] = compute_node_influence(g.adjacency_matrix.float().cpu(), w[torch.argsort(perm)]).float()  # fmt: skip
+    infl_ct[perm] = compute_node_influence(
+        g.adjacency_matrix.float().cpu(), w[torch.argsort(perm)]
+    ).float()
     infl = ours["influence"]
     inner = torch.arange(n_f + 0)  # features
     top_ours = set(inner[infl[:n_f].argsort(descending=True)[:50]].tolist())
@@ -117,7 +133,7 @@ def main() -> None:
         "edge_rel_diff_median": float(rel.median()),
         "influence_max_rel_diff": float(
             ((infl_ct - infl).abs() / infl.abs().clamp_min(1e-12))[infl > 1e-6].max()
-        ),  # fmt: skip
+        ),
         "top50_features_identical": top_ours == top_ct,
         "top50_overlap": len(top_ours & top_ct),
         "replacement": {"lmscope": float(ours["scores"][0]), "circuit_tracer": r_ct},

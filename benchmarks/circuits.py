@@ -28,7 +28,9 @@ from common import machine_info  # noqa: E402
 PROMPT = "The Eiffel Tower is in Paris and the Colosseum is in the city of"  # 16 tokens with BOS
 
 
-def _sample_edges(adjacency: torch.Tensor, n_src: int, n_feat: int, k: int, seed: int) -> list[tuple[int, int]]:  # fmt: skip
+def _sample_edges(
+    adjacency: torch.Tensor, n_src: int, n_feat: int, k: int, seed: int
+) -> list[tuple[int, int]]:
     rows = torch.cat([torch.arange(n_feat), torch.arange(n_src, adjacency.shape[0])])
     sub = adjacency[rows][:, :n_src].abs()
     top = sub.flatten().topk(k // 2).indices
@@ -64,8 +66,11 @@ def main() -> None:
     ap.add_argument("--json", help="write the numbers here")
     ap.add_argument("--graph", help="write the pruned graph JSON here")
     ap.add_argument("--dump", help="write the full graph (safetensors) for circuit_tracer_check.py")
-    ap.add_argument("--ct-conventions", action="store_true",
-                    help="dump with circuit-tracer 0.5's conventions (see circuit_tracer_conventions)")  # fmt: skip
+    ap.add_argument(
+        "--ct-conventions",
+        action="store_true",
+        help="dump with circuit-tracer 0.5's conventions (see circuit_tracer_conventions)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -105,9 +110,15 @@ def main() -> None:
     for t, s in edges:
         want = float(effects[targets.index(t), sources.index(s)])
         got = float(graph.adjacency[t, s])
-        checked.append({"target": graph.describe(t)["id"], "source": graph.describe(s)["id"],
-                        "graph": got, "removal": want,
-                        "rel_err": abs(got - want) / max(abs(want), 1e-12)})  # fmt: skip
+        checked.append(
+            {
+                "target": graph.describe(t)["id"],
+                "source": graph.describe(s)["id"],
+                "graph": got,
+                "removal": want,
+                "rel_err": abs(got - want) / max(abs(want), 1e-12),
+            }
+        )
     l0 = graph.n_features / max(1, int(graph.n_tokens - 1)) / graph.n_layers
     out = {
         "machine": machine_info(),
@@ -147,11 +158,18 @@ def main() -> None:
             graph = circuit_tracer_conventions(graph, loaded)
             replacement, completeness = scores(graph)
 
-        save_file({"adjacency": graph.adjacency.contiguous(), "features": graph.features.contiguous(),
-                   "token_ids": torch.tensor(graph.token_ids), "logit_ids": torch.tensor(graph.logit_ids),
-                   "logit_probs": graph.logit_probs, "influence": node_influence(graph),
-                   "scores": torch.tensor([replacement, completeness], dtype=torch.float64)},
-                  args.dump)  # fmt: skip
+        save_file(
+            {
+                "adjacency": graph.adjacency.contiguous(),
+                "features": graph.features.contiguous(),
+                "token_ids": torch.tensor(graph.token_ids),
+                "logit_ids": torch.tensor(graph.logit_ids),
+                "logit_probs": graph.logit_probs,
+                "influence": node_influence(graph),
+                "scores": torch.tensor([replacement, completeness], dtype=torch.float64),
+            },
+            args.dump,
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from lmscope.sae import SAE, SAEConfig, build_sae
 PROMPT = "The quick brown fox jumps over"
 
 
-def random_transcoders(loaded: LoadedModel, width: int = 24, skip: bool = False, seed: int = 0) -> list[SAE]:  # fmt: skip
+def random_transcoders(
+    loaded: LoadedModel, width: int = 24, skip: bool = False, seed: int = 0
+) -> list[SAE]:
     """One folded JumpReLU transcoder per layer, mlp_in → mlp_out, with random biases and
     thresholds so that about a third of the latents fire."""
     g = torch.Generator().manual_seed(seed)
@@ -20,8 +22,16 @@ def random_transcoders(loaded: LoadedModel, width: int = 24, skip: bool = False,
     n = int(loaded.model.config.get_text_config().num_hidden_layers)
     out = []
     for layer in range(n):
-        cfg = SAEConfig("jumprelu_transcoder", d_in=d, d_sae=width, d_out=d, skip=skip,
-                        site=f"L{layer}.mlp_in", out_site=f"L{layer}.mlp_out", model=loaded.name)  # fmt: skip
+        cfg = SAEConfig(
+            "jumprelu_transcoder",
+            d_in=d,
+            d_sae=width,
+            d_out=d,
+            skip=skip,
+            site=f"L{layer}.mlp_in",
+            out_site=f"L{layer}.mlp_out",
+            model=loaded.name,
+        )
         tc = build_sae(cfg, generator=g)
         with torch.no_grad():
             tc.threshold.copy_(torch.rand(width, generator=g) * 0.6)

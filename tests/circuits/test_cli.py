@@ -23,9 +23,24 @@ def tc_suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_attribute_writes_a_pruned_graph_with_its_scores(tc_suite: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_attribute_writes_a_pruned_graph_with_its_scores(
+    tc_suite: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "g.json"
-    rc = main(["attribute", "--suite", str(tc_suite), PROMPT, "--out", str(out), "--node-threshold", "0.7", "--batch-size", "16"])  # fmt: skip
+    rc = main(
+        [
+            "attribute",
+            "--suite",
+            str(tc_suite),
+            PROMPT,
+            "--out",
+            str(out),
+            "--node-threshold",
+            "0.7",
+            "--batch-size",
+            "16",
+        ]
+    )
     assert rc == 0
     doc = load_graph(out)
     loaded = tiny_model("gemma3")
@@ -54,7 +69,9 @@ def test_attribute_writes_a_pruned_graph_with_its_scores(tc_suite: Path, tmp_pat
     )
 
 
-def test_attribute_graph_mode_refuses_a_target_and_a_suite_without_transcoders(tc_suite: Path, tiny_suite: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_attribute_graph_mode_refuses_a_target_and_a_suite_without_transcoders(
+    tc_suite: Path, tiny_suite: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc = main(
         ["attribute", "--suite", str(tc_suite), PROMPT, "--mode", "graph", "--target", " the"]
     )

@@ -19,11 +19,20 @@ def sparse_transcoders(loaded: LoadedModel, ids: torch.Tensor, width: int = 256)
     """Random transcoders whose thresholds let about 2% of latents fire on this prompt."""
     sites = SiteModel(loaded)
     with torch.no_grad():
-        acts = sites.run(ids, read=[f"L{i}.mlp_in" for i in range(sites.n_layers)], return_logits=False).acts  # fmt: skip
+        acts = sites.run(
+            ids, read=[f"L{i}.mlp_in" for i in range(sites.n_layers)], return_logits=False
+        ).acts
     g = torch.Generator().manual_seed(0)
     out = []
     for i in range(sites.n_layers):
-        cfg = SAEConfig("jumprelu_transcoder", d_in=640, d_sae=width, d_out=640, site=f"L{i}.mlp_in", out_site=f"L{i}.mlp_out")  # fmt: skip
+        cfg = SAEConfig(
+            "jumprelu_transcoder",
+            d_in=640,
+            d_sae=width,
+            d_out=640,
+            site=f"L{i}.mlp_in",
+            out_site=f"L{i}.mlp_out",
+        )
         tc = build_sae(cfg, generator=g)
         with torch.no_grad():
             z = acts[f"L{i}.mlp_in"][0, 1:] @ tc.W_enc

@@ -13,7 +13,12 @@ from lmscope.errors import CircuitError
 def test_every_edge_equals_the_change_when_its_source_is_removed(tiny_setup) -> None:
     loaded, tcs, ids = tiny_setup
     graph = build_graph(loaded, tcs, ids, batch_size=16)
-    rows = torch.cat([torch.arange(graph.n_features), torch.arange(graph.n_nodes - len(graph.logit_ids), graph.n_nodes)])  # fmt: skip
+    rows = torch.cat(
+        [
+            torch.arange(graph.n_features),
+            torch.arange(graph.n_nodes - len(graph.logit_ids), graph.n_nodes),
+        ]
+    )
     n_src = graph.n_nodes - len(graph.logit_ids)
     with torch.no_grad(), linearise(loaded, tcs, ids) as lin:
         expected = removal_effects(lin, graph, range(n_src), rows.tolist())

@@ -23,7 +23,9 @@ def graph(tiny_gemma3) -> Graph:
 def test_influence_ends_at_errors_and_tokens_and_sums_to_the_logit_mass(graph: Graph) -> None:
     infl = node_influence(graph).double()
     nf, ne, nt = graph.n_features, graph.n_errors, graph.n_tokens
-    assert float(infl[nf : nf + ne + nt].sum()) == pytest.approx(float(graph.logit_probs.sum()), rel=1e-5)  # fmt: skip
+    assert float(infl[nf : nf + ne + nt].sum()) == pytest.approx(
+        float(graph.logit_probs.sum()), rel=1e-5
+    )
     # each feature passes on what flows into it from its consumers
     w = graph.logit_weights.double()
     inflow = (w + infl) @ normalise(graph.adjacency).double()

@@ -17,7 +17,9 @@ def test_replacement_logits_equal_the_models_on_the_prompt(tiny_setup) -> None:
         ref = loaded.model(ids).logits[0, -1]
         with linearise(loaded, tcs, ids) as lin:
             out = lin.logits(lin.forward())[0]
-            no_errors = lin.logits(lin.forward(errors=[torch.zeros_like(e) for e in lin.clean.errors]))[0]  # fmt: skip
+            no_errors = lin.logits(
+                lin.forward(errors=[torch.zeros_like(e) for e in lin.clean.errors])
+            )[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lin.clean.logits, ref, rtol=1e-5, atol=1e-5)
     # the error nodes are what makes it exact: without them the logits move
@@ -28,7 +30,9 @@ def test_skip_transcoders_are_exact_too(tiny_gemma3) -> None:
     tcs = random_transcoders(tiny_gemma3, skip=True)
     ids = tiny_gemma3.tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad(), linearise(tiny_gemma3, tcs, ids) as lin:
-        torch.testing.assert_close(lin.logits(lin.forward())[0], tiny_gemma3.model(ids).logits[0, -1], rtol=1e-5, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            lin.logits(lin.forward())[0], tiny_gemma3.model(ids).logits[0, -1], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_frozen_model_is_affine_in_its_sources(tiny_setup) -> None:
@@ -38,10 +42,14 @@ def test_frozen_model_is_affine_in_its_sources(tiny_setup) -> None:
         c = lin.clean
 
         def final(k: float) -> torch.Tensor:
-            return lin.forward(embed=k * c.embed, acts=[k * a for a in c.acts], errors=[k * e for e in c.errors]).final  # fmt: skip
+            return lin.forward(
+                embed=k * c.embed, acts=[k * a for a in c.acts], errors=[k * e for e in c.errors]
+            ).final
 
         f0, f1, f2 = final(0.0), final(1.0), final(2.0)
-    torch.testing.assert_close(f2 - 2 * f1 + f0, torch.zeros_like(f0), rtol=0, atol=1e-4 * float(f1.abs().max()))  # fmt: skip
+    torch.testing.assert_close(
+        f2 - 2 * f1 + f0, torch.zeros_like(f0), rtol=0, atol=1e-4 * float(f1.abs().max())
+    )
     assert (f2 - f1).abs().max() > 1e-2  # and it is not constant
 
 

@@ -17,11 +17,17 @@ def test_clamping_features_to_their_own_values_changes_nothing(tiny_gemma3) -> N
     ids = tiny_gemma3.tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad(), linearise(tiny_gemma3, tcs, ids) as lin:
         acts = lin.clean.acts
-    active = [(layer, int(p), int(i)) for layer, a in enumerate(acts) for p, i in a[0].nonzero().tolist()[:3]]  # fmt: skip
+    active = [
+        (layer, int(p), int(i))
+        for layer, a in enumerate(acts)
+        for p, i in a[0].nonzero().tolist()[:3]
+    ]
     same = {f: float(acts[f[0]][0, f[1], f[2]]) for f in active}
     with torch.no_grad():
         ref = tiny_gemma3.model(ids).logits[0, -1]
-    torch.testing.assert_close(clamp_features(tiny_gemma3, tcs, ids, same), ref, rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        clamp_features(tiny_gemma3, tcs, ids, same), ref, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_ablating_a_feature_removes_its_decoder_vector_from_mlp_out(tiny_gemma3) -> None:

@@ -93,19 +93,36 @@ class Graph:
         nf, ne, nt = self.n_features, self.n_errors, self.n_tokens
         if i < nf:
             layer, pos, latent = (int(v) for v in self.features[i])
-            return {"id": f"F{layer}.{pos}.{latent}", "kind": "feature", "layer": layer,
-                    "position": pos, "latent": latent, "activation": float(self.activations[i])}  # fmt: skip
+            return {
+                "id": f"F{layer}.{pos}.{latent}",
+                "kind": "feature",
+                "layer": layer,
+                "position": pos,
+                "latent": latent,
+                "activation": float(self.activations[i]),
+            }
         if i < nf + ne:
             layer, pos = divmod(i - nf, nt)
             return {"id": f"E{layer}.{pos}", "kind": "error", "layer": layer, "position": pos}
         if i < nf + ne + nt:
             pos = i - nf - ne
-            return {"id": f"T{pos}", "kind": "token", "layer": -1, "position": pos,
-                    "token_id": self.token_ids[pos]}  # fmt: skip
+            return {
+                "id": f"T{pos}",
+                "kind": "token",
+                "layer": -1,
+                "position": pos,
+                "token_id": self.token_ids[pos],
+            }
         k = i - nf - ne - nt
-        return {"id": f"L{self.logit_ids[k]}", "kind": "logit", "layer": self.n_layers,
-                "position": nt - 1, "token_id": self.logit_ids[k], "token": self.logit_tokens[k],
-                "probability": float(self.logit_probs[k])}  # fmt: skip
+        return {
+            "id": f"L{self.logit_ids[k]}",
+            "kind": "logit",
+            "layer": self.n_layers,
+            "position": nt - 1,
+            "token_id": self.logit_ids[k],
+            "token": self.logit_tokens[k],
+            "probability": float(self.logit_probs[k]),
+        }
 
 
 @dataclass(frozen=True)
@@ -147,16 +164,25 @@ def _targets(lin: Linearised, features: Tensor, logit_ids: Tensor) -> _Targets:
     w_u = lin.sites.unembedding.detach()
     logit_dirs = (w_u[:, logit_ids] - w_u.mean(1, keepdim=True)).T
     t = lin.clean.ids.shape[1]
-    direction = torch.cat([torch.stack(dirs).detach().float(), logit_dirs.float()]) if dirs else logit_dirs.float()  # fmt: skip
+    direction = (
+        torch.cat([torch.stack(dirs).detach().float(), logit_dirs.float()])
+        if dirs
+        else logit_dirs.float()
+    )
     layer = torch.cat([features[:, 0], torch.full((len(logit_ids),), n)])
     position = torch.cat([features[:, 1], torch.full((len(logit_ids),), t - 1)])
     return _Targets(layer, position, direction)
 
 
 def _rows(
-    lin: Linearised, p: Pass, leaves: list[Tensor], targets: _Targets, lo: int, hi: int,
+    lin: Linearised,
+    p: Pass,
+    leaves: list[Tensor],
+    targets: _Targets,
+    lo: int,
+    hi: int,
     features: Tensor,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """Rows ``lo:hi`` of the adjacency over all source columns (features, errors, tokens)."""
     n, dev = hi - lo, leaves[0].device
     layers, positions = targets.layer[lo:hi], targets.position[lo:hi]
@@ -199,7 +225,9 @@ def _rows(
         feat_cols.append((per * c.acts[layer][0, pos, idx].float()).cpu())
         err_cols.append((g_l * c.errors[layer][0].float()).sum(-1).cpu())
     g_e = got[0]
-    tok_cols = torch.zeros(n, t) if g_e is None else (g_e[:n].float() * c.embed[0].float()).sum(-1).cpu()  # fmt: skip
+    tok_cols = (
+        torch.zeros(n, t) if g_e is None else (g_e[:n].float() * c.embed[0].float()).sum(-1).cpu()
+    )
     return torch.cat([*feat_cols, *err_cols, tok_cols], 1)
 
 
@@ -220,27 +248,39 @@ def build_graph(
     if batch_size < 1:
         raise CircuitError(f"batch_size must be >= 1, got {batch_size}")
     start = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad(), linearise(loaded, transcoders, ids) as lin:  # fmt: skip
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        linearise(loaded, transcoders, ids) as lin,
+    ):
         features, activations = _features(lin)
-        logit_ids, logit_probs = select_logits(lin.clean.logits, max_logits=max_logits, logit_prob=logit_prob)  # fmt: skip
+        logit_ids, logit_probs = select_logits(
+            lin.clean.logits, max_logits=max_logits, logit_prob=logit_prob
+        )
         targets = _targets(lin, features, logit_ids)
         n_t = int(targets.layer.shape[0])
         rows = min(batch_size, n_t)
         t, d = lin.clean.ids.shape[1], lin.sites.d_model
         dtype = lin.clean.embed.dtype
-        leaves = [torch.zeros(rows, t, d, dtype=dtype, device=loaded.device, requires_grad=True)
-                  for _ in range(lin.n_layers + 1)]  # fmt: skip
+        leaves = [
+            torch.zeros(rows, t, d, dtype=dtype, device=loaded.device, requires_grad=True)
+            for _ in range(lin.n_layers + 1)
+        ]
         p = lin.forward(rows=rows, leaves=leaves)
         n_f = features.shape[0]
         n_src = n_f + lin.n_layers * t + t
         n = n_src + len(logit_ids)
         adjacency = torch.zeros(n, n)
         order = torch.argsort(targets.layer, stable=True)  # chunks mostly within one layer
-        sorted_targets = _Targets(targets.layer[order], targets.position[order], targets.direction[order])  # fmt: skip
+        sorted_targets = _Targets(
+            targets.layer[order], targets.position[order], targets.direction[order]
+        )
         target_rows = torch.cat([torch.arange(n_f), torch.arange(n_src, n)])[order]
         for lo in range(0, n_t, rows):
             hi = min(lo + rows, n_t)
-            adjacency[target_rows[lo:hi], :n_src] = _rows(lin, p, leaves, sorted_targets, lo, hi, features)  # fmt: skip
+            adjacency[target_rows[lo:hi], :n_src] = _rows(
+                lin, p, leaves, sorted_targets, lo, hi, features
+            )
         del p, leaves
     tok = loaded.tokenizer
     id_list = [int(i) for i in ids[0].tolist()]
