@@ -50,7 +50,9 @@ class Limits:
 # Steering coefficients are multiples of the feature's max activation (from features.db; without
 # it, of the site's mean activation norm on the prompt), as on Neuronpedia: a raw coefficient of 10
 # was noise on Gemma's residual stream, whose norms are in the thousands, and huge on attn_z.
-DEFAULT_STEER_COEFF = 8.0
+# The default 2: on Gemma 3 270M (quick preset, layers 0-2) the strongest feature at 2 gave
+# KL 10-24 nats (raw 10 on feature 0: 0.0003).
+DEFAULT_STEER_COEFF = 2.0
 
 
 @dataclass
