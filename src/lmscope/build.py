@@ -198,6 +198,7 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 
 def build(config: str | BuildConfig, out: str | Path, *, progress: bool = True) -> Suite:
     """Run (or resume) every stage of a build into the suite folder ``out``; return the suite."""
+    from lmscope.activations.harvest import release_freed_memory
     from lmscope.outputs import claim_dir
 
     cfg = read_config(config) if isinstance(config, str) else config
@@ -219,6 +220,7 @@ def build(config: str | BuildConfig, out: str | Path, *, progress: bool = True) 
         state.start(stage)
         t0 = time.perf_counter()
         _STAGE_FNS[stage](cfg, root, model, progress)
+        release_freed_memory()  # what a stage freed is not the next stage's resident memory
         state.finish(stage, time.perf_counter() - t0)
     total = sum(state.state["seconds"].values())
     _say(progress, f"build complete: {root} ({total / 60:.1f} min of stage time); browse it with `lmscope serve {root}`")  # fmt: skip

@@ -132,10 +132,10 @@ def next_token_losses(
 
 @dataclass
 class CleanReference:
-    """What the spliced passes' CE and KL need of the clean model at the loss rows: next-token
-    probabilities p and logits z [n, vocab], logsumexp(z), Σ p and the cross-entropy [n]."""
+    """What the spliced passes' CE and KL need of the clean model at the loss rows: logits z
+    [n, vocab], logsumexp(z), Σ p and the cross-entropy [n]. The probabilities p = exp(z − lse)
+    are recomputed a chunk at a time: held whole they were another n × 262k floats (issue 16)."""
 
-    p: Tensor
     logits: Tensor
     lse: Tensor
     mass: Tensor
@@ -144,14 +144,22 @@ class CleanReference:
 
 def clean_reference(unembed: Any, h: Tensor, targets: Tensor) -> CleanReference:
     """The clean model's `CleanReference` at final residual rows h [n, d], a chunk at a time."""
-    parts = []
+    if not len(h):
+        z = unembed(h).float()
+        return CleanReference(z, *(z.new_zeros(0) for _ in range(3)))
+    logits, parts = None, []
     for i in range(0, len(h), _CHUNK):
         z = unembed(h[i : i + _CHUNK]).float()
+        if logits is None:  # filled in place: a list then torch.cat held the logits twice
+            logits = z.new_empty(len(h), z.shape[-1])
+        logits[i : i + len(z)] = z
         lse = torch.logsumexp(z, -1)
         p = torch.exp(z - lse[:, None])
         ce = lse - z.gather(1, targets[i : i + _CHUNK, None]).squeeze(1)
-        parts.append((p, z, lse, p.sum(-1), ce))
-    return CleanReference(*(torch.cat(t) for t in zip(*parts)))
+        parts.append((lse, p.sum(-1), ce))
+    assert logits is not None
+    lse, mass, ce = (torch.cat(t) for t in zip(*parts))
+    return CleanReference(logits, lse, mass, ce)
 
 
 def spliced_losses(
@@ -173,7 +181,8 @@ def spliced_losses(
         ces.append(lse - z.gather(1, targets[j, None]).squeeze(1))
         if clean is not None:
             # in z's buffer (no longer needed); sum() adds pairwise, bmm's dot loses ~1e-4 here
-            terms = torch.sub(clean.logits[j], z, out=z).mul_(clean.p[j])
+            p = torch.exp(clean.logits[j] - clean.lse[j, None])  # as clean_reference made it
+            terms = torch.sub(clean.logits[j], z, out=z).mul_(p)
             kls.append(terms.sum(-1) + (lse - clean.lse[j]) * clean.mass[j])
     return torch.cat(ces), torch.cat(kls) if kls else None
 
