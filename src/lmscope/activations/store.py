@@ -40,7 +40,7 @@ Shard = dict[str, Any]  # {"file": path relative to the root, "rows": int, "<che
 CHECKSUMS = ("sha256", "crc32", "xxh3_64")  # sha256 is the default; xxh3_64 is ~50x cheaper
 # What `iter_batches` may hold in its shuffle buffer by default. It was 10⁶ rows whatever the sites:
 # the quick build's 54 sites then held its whole 6.6 GB store in memory while training.
-SHUFFLE_BYTES = 1 << 30
+SHUFFLE_BYTES = 1 << 29
 
 
 def _now() -> str:
