@@ -239,7 +239,7 @@ def finetune_suite(
                     s.remove_parallel_grads()
                     opt.step()
                     s.renormalise_decoder()
-                    hist[i][1] = float(kl)
+                    hist[i][1] = float(kl.detach())
                     if step == 0:
                         hist[i][0] = float(kl)
                     bar.update(1)
