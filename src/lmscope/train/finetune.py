@@ -241,7 +241,7 @@ def finetune_suite(
                     s.renormalise_decoder()
                     hist[i][1] = float(kl.detach())
                     if step == 0:
-                        hist[i][0] = float(kl)
+                        hist[i][0] = float(kl.detach())
                     bar.update(1)
                 step += 1
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
