@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lmscope.interp.db import EXPLAIN_SCHEMA
 from lmscope.interp.features import StatsConfig
 from lmscope.interp.pipeline import InterpretConfig, interpret
 from lmscope.interp.query import feature
@@ -67,11 +68,9 @@ def test_explanations_come_from_the_explain_table(interpreted: Suite, tmp_path: 
     suite = Suite.open(shutil.copytree(interpreted.path, tmp_path / "s"))
     name = suite.names[0]
     with sqlite3.connect(suite.features_db) as conn:  # `lmscope explain`'s table
-        conn.execute("CREATE TABLE IF NOT EXISTS explanations (sae INTEGER NOT NULL, idx INTEGER "
-                     "NOT NULL, explainer TEXT NOT NULL, label TEXT NOT NULL, created TEXT NOT NULL, "
-                     "PRIMARY KEY (sae, idx, explainer)) WITHOUT ROWID")  # fmt: skip
+        conn.executescript(EXPLAIN_SCHEMA)
         sid = conn.execute("SELECT id FROM saes WHERE name = ?", (name,)).fetchone()[0]
-        conn.execute("INSERT INTO explanations VALUES (?, 3, 'tokens', 'commas in code', '')", (sid,))  # fmt: skip
+        conn.execute("INSERT INTO explanations VALUES (?, 3, 'tokens', 'commas in code')", (sid,))  # fmt: skip
     counts = export_neuronpedia(suite, tmp_path / "np", saes=[name], limit=8)
     assert counts["explanations"] == 1 and validate_export(tmp_path / "np")[1] == []
     (path,) = (tmp_path / "np").rglob("explanations/batch-0.jsonl.gz")

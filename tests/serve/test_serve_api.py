@@ -132,9 +132,14 @@ def test_steer_matches_generating_with_and_without_the_intervention(client: http
     loaded = suite.load_model(device="cpu")
     sae = suite.load_sae(name)
     assert data["baseline"] == generate(loaded, body["prompt"], (), max_new_tokens=8)
-    assert data["steered"] == generate(loaded, body["prompt"], [Steer(sae, 3, 40.0)], max_new_tokens=8)  # fmt: skip
+    # coefficients are in units of the feature (its max activation, or the site's norm): the
+    # raw strength added along the decoder row is coeff × unit, as the reply says
+    (feat,) = data["features"]
+    assert feat["strength"] == pytest.approx(40.0 * feat["unit"]) and feat["unit"] > 0
+    steer = [Steer(sae, 3, feat["strength"])]
+    assert data["steered"] == generate(loaded, body["prompt"], steer, max_new_tokens=8)
     assert data["steered"] != data["baseline"]
-    nxt = compare(loaded, body["prompt"], [Steer(sae, 3, 40.0)], top=8)
+    nxt = compare(loaded, body["prompt"], steer, top=8)
     assert data["next_token"]["kl"] == pytest.approx(nxt["kl"], rel=1e-4)
     assert [t for t, _ in data["next_token"]["steered"]] == [t for t, _ in nxt["intervened"]]
 
