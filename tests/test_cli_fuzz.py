@@ -4,12 +4,12 @@ and changes no file (a hash of the whole tree before and after)."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from pathlib import Path
 
 import pytest
 import torch
+from test_outputs import tree_hash
 
 from lmscope.cli import STAGE_CLIS, build_parser, main
 from lmscope.sae import SAEConfig, build_sae, save_sae
@@ -162,15 +162,6 @@ def _fill(arg: str, w: Path) -> str:
     for key in "SATFON":
         arg = arg.replace("{" + key + "}", str(w / key))
     return arg
-
-
-def tree_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("command, argv", _cases(), ids=lambda v: v if isinstance(v, str) else " ".join(v)[:60])  # fmt: skip
