@@ -49,7 +49,7 @@ def _suite(tmp: Path, model: LoadedModel, corpus: Path) -> list[Path]:
 
 
 def _cfg(**kw: object) -> TrainConfig:
-    base: dict[str, object] = dict(kl_tokens=16 * 4 * 6, kl_batch_size=4, kl_lr=1e-2,
+    base: dict[str, object] = dict(kl_tokens=16 * 4 * 24, kl_batch_size=4, kl_lr=1e-2,
                                    kl_top_k=8, checkpoint_every=0, progress=False)  # fmt: skip
     return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
 
@@ -110,7 +110,7 @@ def test_kl_phase_lowers_the_spliced_kl(model: LoadedModel, tmp_path: Path, shar
     for b, a in zip(before, after, strict=True):
         assert a < 0.8 * b, (before, after)
     rec = load_sae(paths[0]).cfg.training["kl"]
-    assert rec["steps"] == 6 and rec["kl_last"] < rec["kl_first"]
+    assert rec["steps"] == 24 and rec["kl_last"] < rec["kl_first"]
     assert load_sae(paths[0]).cfg.is_folded
     assert not (tmp_path / ".finetune").exists()
     # finished: a second call leaves the SAEs alone

@@ -76,7 +76,7 @@ def write_report(suite: Suite, out: str | Path | None = None) -> Path:
     meta = (
         f"model <b>{html.escape(suite.model)}</b> · {len(entries)} SAEs · eval on "
         f"{cfg.get('tokens', '?')} held-out tokens of {html.escape(str(cfg.get('corpus', '?')))} "
-        f"(seq_len {cfg.get('seq_len', '?')}) · written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+        f"(seq_len {cfg.get('seq_len', '?')}) · suite updated {html.escape(_stamp(suite.manifest.get('updated')))}"
     )
     page = (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -95,6 +95,14 @@ def _img(folder: Path, name: str, fig: Any, alt: str) -> str:
     path = plots.save_png(fig, folder / "plots" / f"{_slug(name)}.png")
     rel = path.relative_to(folder).as_posix()
     return f'<img src="{html.escape(rel)}" alt="{html.escape(alt)}">'
+
+
+def _stamp(iso: object) -> str:
+    """The manifest's last-change time as 'YYYY-MM-DD HH:MM UTC': the page depends on the suite, not the clock."""
+    try:
+        return f"{datetime.fromisoformat(str(iso)).astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+    except ValueError:
+        return "?"
 
 
 def _frontiers(folder: Path, entries: list[dict[str, Any]]) -> str:
