@@ -60,16 +60,50 @@ def weights(path: Path) -> dict[str, Tensor]:
 # --- target L0 -------------------------------------------------------------------------------
 
 
-def test_target_l0_is_reached_within_ten_percent(tmp_path: Path, sparse_sites: Any) -> None:
+@pytest.mark.parametrize("from_data", [False, True], ids=["theta0_fixed", "theta0_from_data"])
+def test_target_l0_is_reached_within_ten_percent(
+    tmp_path: Path, sparse_sites: Any, from_data: bool
+) -> None:
     data = sparse_sites({SITE: 32}, rows=16384, batch=256, n_feat=512, n_active=8)
     spec = SAESpec(SITE, width=256, target_l0=16)
-    cfg = quick(total_tokens=256 * 2500, batch_size=256, norm_batches=8, log_every=100)
+    cfg = quick(
+        total_tokens=256 * 2500,
+        batch_size=256,
+        norm_batches=8,
+        log_every=100,
+        threshold_init_from_data=from_data,
+    )
     (path,) = train_suite([spec], data, cfg, tmp_path)
     sae = load_sae(path)
     summary = sae.cfg.training
     assert abs(summary["l0"] / 16 - 1) < 0.10, summary
     assert abs(l0(sae, data.held_out(SITE)) / 16 - 1) < 0.10  # the saved SAE, on unseen rows
     assert summary["fvu"] < 0.3
+
+
+def test_threshold_from_data_starts_every_latent_firing_at_the_target_rate(
+    sparse_sites: Any,
+) -> None:
+    data = sparse_sites({SITE: 32}, rows=8192, batch=256, n_feat=512, n_active=8)
+    spec = SAESpec(SITE, width=256, target_l0=16)
+    stats = trainer_mod.calibrate(data, [SITE], 8)
+    assert stats[SITE].sample is not None and stats[SITE].sample.shape == (2048, 32)
+    for from_data in (False, True):
+        cfg = quick(threshold_init_from_data=from_data, threshold_init=0.001)
+        run = trainer_mod._Run(spec, cfg, {SITE: 32}, [stats[SITE].scale(cfg.normalise)] * 2)
+        run.init_from_data(stats)
+        x = run._scaled_in(data.held_out(SITE))  # unseen rows
+        fires = (run.sae.encode(x) != 0).float()
+        if not from_data:  # θ₀ = 0.001: about half the latents fire on any row
+            assert fires.sum(1).mean() > 4 * 16
+            continue
+        theta = run.sae.get_parameter("threshold")
+        assert torch.all(theta >= 0.001)
+        # each latent fires on ≈ 16/256 of rows, so L0 starts at the target, and none is silent
+        assert abs(float(fires.sum(1).mean()) / 16 - 1) < 0.15
+        assert float((fires.sum(0) > 0).float().mean()) == 1.0
+        rate = fires.mean(0)
+        assert float(rate.max()) < 4 * 16 / 256
 
 
 def test_target_l0_is_reached_on_a_small_language_models_activations(

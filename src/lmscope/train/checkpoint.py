@@ -108,7 +108,7 @@ RESULT_KEYS = (
     *("total_tokens", "batch_size", "lr", "adam_betas", "lr_warmup_steps", "lr_decay_frac"),
     *("lambda_warmup_steps", "warmup_max_frac", "bandwidth", "threshold_init", "dtype", "seed"),
     *("fast", "normalise", "norm_batches", "lambda_init", "l0_gain", "l0_ema", "dead_after_tokens"),
-    *("dead_loss", "dead_coeff", "dead_k_aux"),
+    *("dead_loss", "dead_coeff", "dead_k_aux", "threshold_init_from_data"),
 )
 
 

@@ -189,6 +189,12 @@ class TrainConfig:
     warmup_max_frac: float = 0.1
     bandwidth: float = 0.001  # ε of the rectangle kernel
     threshold_init: float = 0.001  # θ₀
+    # JumpReLU with a target L0: start each latent's θ at the quantile of its own pre-activations
+    # (on the calibration sample) above which it fires on target_l0 / width of rows, floored at
+    # threshold_init. L0 starts at the target and every latent fires from step 0: no dense
+    # first phase while a small fixed θ₀ lets hundreds of latents fire (the sparse kernel works
+    # from step 0), and no latent starts silent as a large fixed θ₀ leaves many.
+    threshold_init_from_data: bool = False
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0

@@ -75,6 +75,7 @@ class SiteStats:
     mean_sq_norm: float  # E‖x‖²
     var: float  # E‖x − μ‖²
     var_dim: Tensor | None = None  # float64 [d]: E(x_j − μ_j)²
+    sample: Tensor | None = None  # float32 [≤ SAMPLE_ROWS, d]: the first rows, for data-based θ₀
 
     def dim_scale(self) -> Tensor:
         """``normalise = "per_dim"``: r_j = sqrt(d·var_j / var), so that x / (C·r) has every
@@ -96,10 +97,15 @@ class SiteStats:
         return math.sqrt(max(v, 1e-12))
 
 
+SAMPLE_ROWS = 2048  # rows kept per site for data-based θ₀: 54 sites × 2,048 × 640 × 4 B ≈ 280 MB
+
+
 def calibrate(data: DataFactory, sites: Sequence[str], n_batches: int) -> dict[str, SiteStats]:
-    """Mean and second moments per site from the first ``n_batches`` batches (float64)."""
+    """Mean and second moments per site from the first ``n_batches`` batches (float64), and the
+    first ``SAMPLE_ROWS`` rows of each site."""
     it = data(0)
     sums: dict[str, Tensor] = {}
+    samples: dict[str, list[Tensor]] = {s: [] for s in sites}
     sq: dict[str, float] = dict.fromkeys(sites, 0.0)
     sq_dim: dict[str, Tensor] = {}
     rows = 0
@@ -111,6 +117,9 @@ def calibrate(data: DataFactory, sites: Sequence[str], n_batches: int) -> dict[s
             sums[s] = sums.get(s, 0) + x.sum(0)
             sq[s] += float(x.pow(2).sum())
             sq_dim[s] = sq_dim.get(s, 0) + x.pow(2).sum(0)
+            kept = sum(t.shape[0] for t in samples[s])
+            if kept < SAMPLE_ROWS:
+                samples[s].append(batch[s][: SAMPLE_ROWS - kept].detach().float().cpu().clone())
         rows += next(iter(batch.values())).shape[0]
     if hasattr(it, "close"):
         it.close()
@@ -121,7 +130,8 @@ def calibrate(data: DataFactory, sites: Sequence[str], n_batches: int) -> dict[s
         mean = sums[s].cpu() / rows
         msq = sq[s] / rows
         var_dim = (sq_dim[s].cpu() / rows - mean.pow(2)).clamp_min(0)
-        out[s] = SiteStats(mean, msq, msq - float(mean.pow(2).sum()), var_dim)
+        out[s] = SiteStats(mean, msq, msq - float(mean.pow(2).sum()), var_dim,
+                           torch.cat(samples[s]))  # fmt: skip
     return out
 
 
@@ -210,8 +220,26 @@ class _Run:
                 mu_in = self._scaled_in(stats[s.site].mean.to(sae.W_enc.device, dt))
                 sae.b_enc.copy_(-(mu_in @ sae.W_enc))
             if isinstance(getattr(sae, "threshold", None), nn.Parameter):
-                sae.get_parameter("threshold").fill_(self.cfg.threshold_init)
+                theta = sae.get_parameter("threshold")
+                theta.fill_(self.cfg.threshold_init)
+                sample = stats[s.site].sample
+                if (
+                    self.cfg.threshold_init_from_data
+                    and s.target_l0 is not None
+                    and sample is not None
+                ):
+                    theta.copy_(self._theta_from_data(sample, float(s.target_l0)))
         self.target_mean.copy_(mu_out)
+
+    def _theta_from_data(self, sample: Tensor, target_l0: float) -> Tensor:
+        """θ_j = the (1 − L0*/W) quantile of latent j's pre-activation on the sample, floored at
+        threshold_init: each latent fires on ≈ L0*/W of rows, so L0 starts at the target."""
+        sae = self.sae
+        x = self._scaled_in(sample.to(sae.W_enc.device, sae.W_enc.dtype))
+        pre = sae.pre_acts(x)
+        q = 1.0 - min(max(target_l0 / sae.cfg.d_sae, 0.0), 1.0)
+        theta = torch.quantile(pre.float(), q, dim=0).to(pre.dtype)
+        return theta.clamp_min(self.cfg.threshold_init)
 
     def _scaled_in(self, x: Tensor) -> Tensor:
         x = x / self.c_in
