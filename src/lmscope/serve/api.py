@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from lmscope.serve import catalog
 from lmscope.serve.engine import Engine, Limits, ServeError
+from lmscope.serve.graphs import Explorer
 
 LIMITS = Limits()
 NAME = Field(min_length=1, max_length=200, description="an SAE name, as listed by /api/suite")
@@ -46,8 +47,69 @@ class SteerRequest(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
+class GraphRequest(BaseModel):
+    """A prompt to trace; the thresholds prune the graph sent back (the page's slider prunes further)."""
+
+    prompt: str = Field(min_length=1, max_length=LIMITS.max_text_chars)
+    node_threshold: float = Field(
+        0.8, ge=0.0, le=1.0, description="share of influence the kept nodes carry"
+    )
+    edge_threshold: float = Field(
+        0.98, ge=0.0, le=1.0, description="share of influence the kept edges carry"
+    )
+
+
+NODE_ID = Field(min_length=1, max_length=40, pattern=r"^[FETL][0-9.]+$")
+
+
+class Supernode(BaseModel):
+    name: str = Field(min_length=1, max_length=80)
+    nodes: list[Annotated[str, NODE_ID]] = Field(min_length=1, max_length=500)
+
+
+class Annotations(BaseModel):
+    """What the explorer saves beside a graph: the slider, the pinned nodes, the supernodes."""
+
+    node_threshold: float = Field(ge=0.0, le=1.0, description="the pruning slider's value")
+    pinned: list[Annotated[str, NODE_ID]] = Field(default_factory=list, max_length=500)
+    supernodes: list[Supernode] = Field(default_factory=list, max_length=100)
+
+
+class SaveGraphRequest(BaseModel):
+    """Save a graph this server built (or reloaded), named by its key, with annotations."""
+
+    name: str = Field(
+        min_length=1, max_length=80, description="shown in the list; its slug names the file"
+    )
+    key: str = Field(
+        pattern=r"^[0-9a-f]{16}$",
+        description="the key of a graph from /api/graph or /api/graphs/{slug}",
+    )
+    annotations: Annotations
+
+
+class GraphFeature(BaseModel):
+    layer: int = Field(ge=0, le=1000)
+    position: int = Field(ge=0, le=LIMITS.max_tokens)
+    latent: int = Field(ge=0, le=2**31 - 1)
+    value: float = Field(
+        ge=-LIMITS.max_coeff, le=LIMITS.max_coeff, description="the activation to set: 0 ablates"
+    )
+
+
+class GraphSteerRequest(BaseModel):
+    """Set transcoder features of a graph's prompt to given activations in the real model."""
+
+    prompt: str = Field(min_length=1, max_length=LIMITS.max_text_chars)
+    features: list[GraphFeature] = Field(min_length=1, max_length=64)
+
+
 def _engine(request: Request) -> Engine:
     return request.app.state.engine  # type: ignore[no-any-return]
+
+
+def _explorer(request: Request) -> Explorer:
+    return request.app.state.explorer  # type: ignore[no-any-return]
 
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -135,3 +197,36 @@ async def steer(request: Request, body: SteerRequest) -> dict[str, Any]:
     feats = [(f.sae, f.index, f.coeff) for f in body.features]
     return await run_in_threadpool(engine.steer, body.prompt, feats, max_new_tokens=body.max_new_tokens,
                                    temperature=body.temperature, seed=body.seed)  # fmt: skip
+
+
+@router.post(
+    "/graph", summary="The attribution graph of a prompt over the suite's per-layer transcoders"
+)
+async def graph(request: Request, body: GraphRequest) -> dict[str, Any]:
+    return await run_in_threadpool(
+        _explorer(request).build,
+        body.prompt,
+        node_threshold=body.node_threshold,
+        edge_threshold=body.edge_threshold,
+    )
+
+
+@router.post("/graph/steer", summary="Top next tokens with a graph's features clamped or ablated")
+async def graph_steer(request: Request, body: GraphSteerRequest) -> dict[str, Any]:
+    values = {(f.layer, f.position, f.latent): f.value for f in body.features}
+    return await run_in_threadpool(_explorer(request).steer, body.prompt, values)
+
+
+@router.get("/graphs", summary="The saved graphs (suite folder graphs/), newest first")
+def saved_graphs(request: Request) -> list[dict[str, Any]]:
+    return _explorer(request).saved()
+
+
+@router.get("/graphs/{slug}", summary="One saved graph with its annotations")
+def saved_graph(request: Request, slug: str) -> dict[str, Any]:
+    return _explorer(request).load(slug)
+
+
+@router.post("/graphs", summary="Save a graph with its annotations as graphs/<slug>.json")
+def save_graph(request: Request, body: SaveGraphRequest) -> dict[str, Any]:
+    return _explorer(request).save(body.name, body.key, body.annotations.model_dump())

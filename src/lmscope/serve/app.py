@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from lmscope.errors import LmscopeError
 from lmscope.serve import api, pages
 from lmscope.serve.engine import Engine, Limits, ServeError
+from lmscope.serve.graphs import Explorer
 from lmscope.suite import Suite
 
 log = logging.getLogger("lmscope.serve")
@@ -43,12 +44,14 @@ def create_app(
     app = FastAPI(
         title="lmscope",
         summary=f"Browse the SAE suite {suite.path.name} of {suite.model}",
-        description="JSON API of `lmscope serve`: the suite, its SAEs and features, the inspector "
-        'and the steering playground. Errors are `{"error": message}` with a 4xx status.',
+        description="JSON API of `lmscope serve`: the suite, its SAEs and features, the inspector, "
+        "the steering playground and the graph explorer. "
+        'Errors are `{"error": message}` with a 4xx status.',
         version="1",
         redoc_url=None,
     )
     app.state.engine = Engine(suite, device=device, limits=limits)
+    app.state.explorer = Explorer(app.state.engine)
     app.state.templates = pages.make_env()
     app.include_router(api.router)
     app.include_router(pages.router)

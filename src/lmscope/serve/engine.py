@@ -45,6 +45,7 @@ class Limits:
     max_top_k: int = 32
     max_coeff: float = 1e4
     max_page: int = 200
+    max_graph_tokens: int = 64  # an attribution graph's cost grows with the square of its nodes
 
 
 # Steering coefficients are multiples of the feature's max activation (from features.db; without

@@ -1,5 +1,5 @@
 """The HTML pages: server-rendered Jinja templates (autoescaped), with a little JavaScript for the
-inspector and the steering playground, which call the JSON API."""
+inspector, the steering playground and the graph explorer, which call the JSON API."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from lmscope.serve.api import LIMITS
 from lmscope.serve.engine import DEFAULT_STEER_COEFF, Engine, ServeError
 
 FRONTIER_METRICS = ("fvu", "delta_lm_loss", "ce_recovered", "kl")
+# request bodies' parts, listed on /api beside the bodies (every *Request)
+API_PARTS = ("SteerFeature", "GraphFeature", "Annotations", "Supernode")
 TABLE_METRICS = ("l0", "fvu", "explained_variance", "cos_sim", "delta_lm_loss", "kl", "ce_recovered", "dead", "dense")  # fmt: skip
 
 
@@ -144,6 +146,32 @@ def steer_page(
     return render(request, "steer.html", sae=sae, feature=feature, coeff=coeff, **options)
 
 
+GRAPH_PROMPT = "The Eiffel Tower is in Paris and the Colosseum is in the city of"
+
+
+@router.get("/graph", response_class=HTMLResponse)
+def graph_page(
+    request: Request,
+    prompt: str = Query("", max_length=LIMITS.max_text_chars),
+    saved: str = Query("", max_length=80),
+) -> HTMLResponse:
+    """The graph explorer: ``?prompt=`` traces a prompt on load, ``?saved=`` reloads a saved graph."""
+    explorer = request.app.state.explorer
+    unavailable = explorer.unavailable()
+    graphs = [] if unavailable else explorer.saved()
+    if saved and saved not in {g["slug"] for g in graphs}:
+        raise ServeError(f"no saved graph {saved[:80]!r}; the list is on /graph", 404)
+    return render(
+        request,
+        "graph.html",
+        prompt=prompt,
+        saved=saved,
+        graphs=graphs,
+        unavailable=unavailable,
+        example=GRAPH_PROMPT,
+    )
+
+
 @router.get("/report/{name:path}")
 def report(request: Request, name: str) -> Response:
     body, media = catalog.report_file(_engine(request), name)
@@ -158,5 +186,5 @@ def api_page(request: Request) -> HTMLResponse:
             op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "").rsplit("/", 1)[-1])  # fmt: skip
            for path, item in schema["paths"].items() for method, op in item.items()]  # fmt: skip
     bodies = {name: s.get("properties", {}) for name, s in schema.get("components", {}).get("schemas", {}).items()
-              if name.endswith("Request") or name == "SteerFeature"}  # fmt: skip
+              if name.endswith("Request") or name in API_PARTS}  # fmt: skip
     return render(request, "api.html", ops=ops, bodies=bodies)

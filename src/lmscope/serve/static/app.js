@@ -173,6 +173,10 @@ async function highlight(sae, index) {
 function setupInspector() {
   const form = $("inspect-form");
   if (!form) return;
+  // "Trace this prompt" opens the graph explorer on the text as it stands
+  const traceLink = () => ($("trace-link").href = "/graph?prompt=" + encodeURIComponent($("text").value));
+  $("text").addEventListener("input", traceLink);
+  traceLink();
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     try {
