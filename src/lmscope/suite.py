@@ -12,8 +12,14 @@
 
 An entry is ``{"name", "site", "layer", "kind", "architecture", "d_in", "d_sae", "target_l0",
 "training": {...}, "metrics": {...}}``: ``name`` is the SAE's folder, ``metrics`` is what eval
-measured (empty until then). The *canonical* SAE of each (site, width) group is the one whose mean
-L0 (eval's when known, else training's) is closest to 100, as Gemma Scope picks them.
+measured (empty until then). Cross-layer transcoders and crosscoders, which span several layers,
+are listed apart under ``"multilayer"`` (``{"name", "multilayer": "clt" | "crosscoder", "layers",
+"sites", "out_sites", "architecture", "d_in", "d_sae", "d_sae_total", "d_out", "skip", "training",
+"metrics"}``), so that code reading one SAE per site never meets them; ``load_multilayer`` reads
+one (``lmscope.sae.multilayer.MultiLayerSAE``).
+
+The *canonical* SAE of each (site, width) group is the one whose mean L0 (eval's when known, else
+training's) is closest to 100, as Gemma Scope picks them.
 
 >>> suite = Suite.open("runs/quick/suite")
 >>> sae = suite.load_sae(suite.resolve("L6.resid_post"))
@@ -35,11 +41,13 @@ if TYPE_CHECKING:
 
     from lmscope.model import LoadedModel
     from lmscope.sae import SAE
+    from lmscope.sae.multilayer import MultiLayerSAE
 
 FORMAT = "lmscope.suite"
 VERSION = 1
 MANIFEST = "manifest.json"
 CANONICAL_L0 = 100.0
+MULTI = "multilayer"  # the manifest's list of cross-layer transcoders and crosscoders
 
 
 def _now() -> str:
@@ -62,6 +70,25 @@ def _entry(folder: Path) -> dict[str, Any]:
         "d_sae": cfg["d_sae"],
         "target_l0": training.get("target_l0"),
         "training": training,
+        "metrics": {},
+    }
+
+
+def _multi_entry(folder: Path) -> dict[str, Any]:
+    cfg = json.loads((folder / "config.json").read_text())
+    return {
+        "name": folder.name,
+        "multilayer": cfg["multilayer"],
+        "layers": cfg["layers"],
+        "sites": cfg["sites"],
+        "out_sites": cfg["out_sites"],
+        "architecture": cfg["architecture"],
+        "d_in": cfg["d_in"],
+        "d_sae": cfg["d_sae"],
+        "d_sae_total": cfg["d_sae"] * cfg["n_layers"],
+        "d_out": cfg["d_out"],
+        "skip": cfg["skip"],
+        "training": cfg.get("training") or {},
         "metrics": {},
     }
 
@@ -155,15 +182,25 @@ class Suite:
         """Distinct input sites with at least one SAE, in layer order."""
         return list(dict.fromkeys(e["site"] for e in self.entries))
 
+    @property
+    def multilayer_entries(self) -> list[dict[str, Any]]:
+        """Every cross-layer transcoder / crosscoder entry, sorted by name."""
+        return sorted(self.manifest.get(MULTI, []), key=lambda e: e["name"])
+
+    @property
+    def multilayer_names(self) -> list[str]:
+        return [e["name"] for e in self.multilayer_entries]
+
     def entry(self, name: str) -> dict[str, Any]:
-        for e in self.manifest["saes"]:
+        """The entry of an SAE or of a multi-layer SAE, by name."""
+        for e in [*self.manifest["saes"], *self.manifest.get(MULTI, [])]:
             if e["name"] == name:
                 return dict(e)
         raise ConfigError(f"no SAE {name!r} in suite {self.path}; it has: {', '.join(self.names) or 'none'}")  # fmt: skip
 
     def resolve(self, key: str) -> str:
         """An SAE name, or a site (``L6.resid_post``) → that site's canonical SAE."""
-        if any(e["name"] == key for e in self.manifest["saes"]):
+        if any(e["name"] == key for e in [*self.manifest["saes"], *self.manifest.get(MULTI, [])]):
             return key
         on_site = [e for e in self.entries if e["site"] == key]
         if not on_site:
@@ -183,29 +220,45 @@ class Suite:
 
         return load_sae(self.sae_path(name), device=device)
 
+    def load_multilayer(
+        self, name: str, *, device: str | torch.device | None = None
+    ) -> MultiLayerSAE:
+        """A cross-layer transcoder or crosscoder of the suite, by name."""
+        from lmscope.sae.multilayer import load_native
+
+        if name not in self.multilayer_names:
+            have = ", ".join(self.multilayer_names) or "none"
+            raise ConfigError(f"no multi-layer SAE {name!r} in suite {self.path}; it has: {have}")
+        return load_native(self.path / name, device=device)
+
     def load_model(self, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
         from lmscope.model import load_model
 
         return load_model(self.model, device=device, dtype=dtype or self.model_dtype)
 
     def require_saes(self) -> None:
-        if not self.manifest["saes"]:
+        if not self.manifest["saes"] and not self.manifest.get(MULTI):
             raise ConfigError(f"suite {self.path} has no trained SAEs yet; run `lmscope train --out {self.path}` first")  # fmt: skip
 
     # -- growing it ---------------------------------------------------------------------------
     def register(self, folders: Iterable[str | Path]) -> list[str]:
-        """Add (or refresh) the entries of SAE folders inside the suite; keeps existing metrics."""
+        """Add (or refresh) the entries of SAE folders inside the suite; keeps existing metrics.
+        Multi-layer folders (``lmscope.sae.multilayer.save_native``) go to the ``multilayer`` list."""
+        from lmscope.sae.multilayer import is_multilayer
+
         names = []
         for folder in folders:
             f = Path(folder)
             if f.resolve().parent != self.path.resolve():
                 raise ConfigError(f"{f} is not inside suite {self.path}")
-            new = _entry(f)
-            old = [e for e in self.manifest["saes"] if e["name"] == f.name]
+            multi = is_multilayer(f)
+            new = _multi_entry(f) if multi else _entry(f)
+            listed = self.manifest.setdefault(MULTI, []) if multi else self.manifest["saes"]
+            old = [e for e in listed if e["name"] == f.name]
             if old:
                 new["metrics"] = old[0].get("metrics", {})
-                self.manifest["saes"].remove(old[0])
-            self.manifest["saes"].append(new)
+                listed.remove(old[0])
+            listed.append(new)
             names.append(f.name)
         self._update_canonical()
         self.save()
@@ -213,7 +266,7 @@ class Suite:
 
     def set_metrics(self, name: str, metrics: dict[str, Any]) -> None:
         """Record eval metrics for one SAE in the manifest (and re-pick the canonical SAEs)."""
-        for e in self.manifest["saes"]:
+        for e in [*self.manifest["saes"], *self.manifest.get(MULTI, [])]:
             if e["name"] == name:
                 e["metrics"] = metrics
                 break

@@ -11,10 +11,16 @@ Layouts (file names, tensor names and shapes, config keys), with where each fact
   gemma_3_sae_huggingface_loader), and `config.json` with `hf_hook_point_in`, `hf_hook_point_out`,
   `width`, `model_name`, `architecture: "jump_relu"`, `l0`, `affine_connection`, `type` (a
   published google/gemma-scope-2-4b-pt resid_post config, quoted verbatim in a public repo).
-- Gemma Scope 2 CLT / crosscoder: `clt/width_W_l0_X[_affine]/params_layer_{i}.safetensors`, one
-  file per layer with `w_enc [d_model, d_sae_layer]`, `b_enc`, `threshold [d_sae_layer]`, `w_dec
-  [d_sae_layer, n_layers, d_model]`, `b_dec [d_model]`, `affine_skip_connection [d_model,
-  d_model]` (Gemma Scope 2 tutorial loader and a shape-inspection script).
+- Gemma Scope 2 CLT / crosscoder: `clt/width_W_l0_X[_affine]/params_layer_{i}.safetensors` and
+  `crosscoder/layer_7_13_17_22_width_W_l0_X/params_layer_{i}.safetensors`, one file per layer
+  (i = 0 … n−1, also for the crosscoder's layers 7, 13, 17, 22) with `w_enc [d_model,
+  d_sae_layer]`, `b_enc`, `threshold [d_sae_layer]`, `w_dec [d_sae_layer, n_layers, d_model]`,
+  `b_dec [d_model]`, `affine_skip_connection [d_model, d_model]` (Gemma Scope 2 tutorial loader,
+  circuit-tracer's load_gemma_scope_2_clt and a shape-inspection script; W counts every layer's
+  latents: 262k = 26 × 10,080 on Gemma 3 1B). Each folder also has a config.json whose keys we
+  could not read anywhere public: `multilayer_config` writes the single-layer family's keys with
+  one hook point per layer, an assumption; lmscope keeps whatever the file holds verbatim and
+  checks the hook points only when they come as such a list.
 The HF cache layout is huggingface_hub's: `models--{owner}--{name}/refs/main` (a commit hash) and
 `snapshots/{hash}/…`.
 """
@@ -80,12 +86,56 @@ def write_gs1(
     return path
 
 
-def write_gs2_multilayer(snap: Path, folder: str, per_layer: list[dict[str, np.ndarray]]) -> Path:
+def write_gs2_multilayer(snap: Path, folder: str, per_layer: list[dict[str, np.ndarray]],
+                         config: dict | None = None) -> Path:  # fmt: skip
     path = snap / folder
     path.mkdir(parents=True)
     for i, params in enumerate(per_layer):
         save_file(params, str(path / f"params_layer_{i}.safetensors"))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
     return path
+
+
+def multilayer_params(rng: np.random.Generator, n: int, d: int, w: int, affine: bool) -> list[dict[str, np.ndarray]]:  # fmt: skip
+    """Per-layer files of an n-layer CLT / crosscoder (every decoder slice random, as the files
+    hold all n output layers), with JumpReLUs that fire on some inputs."""
+    out = []
+    for _ in range(n):
+        p = {"w_enc": rng.normal(size=(d, w)) / np.sqrt(d), "b_enc": 0.1 * rng.normal(size=w),
+             "threshold": rng.uniform(0.05, 0.4, size=w),
+             "w_dec": rng.normal(size=(w, n, d)) / np.sqrt(w * n), "b_dec": 0.1 * rng.normal(size=d)}  # fmt: skip
+        if affine:
+            p["affine_skip_connection"] = 0.1 * rng.normal(size=(d, d))
+        out.append({k: v.astype(np.float32) for k, v in p.items()})
+    return out
+
+
+def multilayer_config(kind: str, out_kind: str, layers: list[int], width: int, model: str,
+                      l0: int, affine: bool, type_: str) -> dict:  # fmt: skip
+    """A CLT / crosscoder config.json: the single-layer keys, one hook point per layer (assumed)."""
+    return {"hf_hook_point_in": [HF_HOOK[kind].format(L=la) for la in layers],
+            "hf_hook_point_out": [HF_HOOK[out_kind].format(L=la) for la in layers],
+            "width": width, "model_name": model, "architecture": "jump_relu", "l0": l0,
+            "affine_connection": affine, "type": type_}  # fmt: skip
+
+
+def numpy_multilayer(per: list[dict[str, np.ndarray]], x: np.ndarray, causal: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Latents [T, n, w] and outputs [T, n, d] straight from the files' arrays, x [T, n, d]:
+    layer l encodes its own input; output m sums the decoders of layers l ≤ m (CLT) or all."""
+    n = len(per)
+    x = x.astype(np.float64)
+    f = np.stack([numpy_encode(per[la], x[:, la]) for la in range(n)], 1)
+    ys = []
+    for m in range(n):
+        src = range(m + 1) if causal else range(n)
+        y = per[m]["b_dec"] + sum(
+            f[:, la] @ per[la]["w_dec"][:, m].astype(np.float64) for la in src
+        )
+        if "affine_skip_connection" in per[m]:
+            y = y + x[:, m] @ per[m]["affine_skip_connection"]
+        ys.append(y)
+    return f, np.stack(ys, 1)
 
 
 def numpy_encode(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Pull every single-site release family from a local HF-cache layout (offline) into a suite."""
+"""Pull every single-site release family from a local HF-cache layout (offline) into a suite
+(cross-layer transcoders and crosscoders: test_pull_multilayer.py)."""
 
 from __future__ import annotations
 
@@ -187,14 +188,6 @@ def test_releases_cli_lists_a_models_releases(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "gemma-scope-2-270m-pt-res-all" in out and "attn_z" in out
     assert "gemma-scope-2-270m-pt-clt" in out and "gemma-scope-2b" not in out
-
-
-def test_pull_refuses_cross_layer_releases_in_one_line(cache: Path, tmp_path: Path) -> None:
-    with pytest.raises(
-        ConfigError, match="cross-layer transcoders / crosscoders .*load_multilayer"
-    ):
-        pull("gemma-scope-2-270m-pt-clt", tmp_path / "s", widths=["262k"], l0s=["medium"],
-             model="tiny-gemma3", cache_dir=cache, offline=True, progress=None)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Gemma Scope 2 CLTs and crosscoders: the per-layer files load, compute as a direct numpy
-reading of the files says, and write back byte-for-byte equal tensors."""
+reading of the files says (a CLT causally: output layer m sums the decoders of layers l <= m), and
+write back byte-for-byte equal tensors; the native folder round-trips too."""
 
 from __future__ import annotations
 
@@ -48,13 +49,17 @@ def test_multilayer_matches_numpy_and_round_trips(
     for m in range(n):  # straight from the files: layer l encodes, every layer decodes into m
         z = x[:, m] @ per[m]["w_enc"] + per[m]["b_enc"]
         want_f[:, m] = np.maximum(z, 0) * (z > per[m]["threshold"])
+    causal = folder.startswith("clt/")  # a CLT's layer m sums layers l <= m, a crosscoder's all
     for m in range(n):
-        want_y[:, m] = per[m]["b_dec"] + sum(want_f[:, l] @ per[l]["w_dec"][:, m] for l in range(n))  # noqa: E741
+        src = range(m + 1) if causal else range(n)
+        want_y[:, m] = per[m]["b_dec"] + sum(want_f[:, l] @ per[l]["w_dec"][:, m] for l in src)  # noqa: E741
         if affine:
             want_y[:, m] += x[:, m] @ per[m]["affine_skip_connection"]
     np.testing.assert_allclose(f, want_f, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
     assert (f > 0).any() and (f == 0).any()
+    assert sae.kind == folder.split("/")[0]
+    assert sae.layers == ((7, 13, 17, 22) if sae.kind == "crosscoder" else tuple(range(n)))
     back = save_multilayer(sae, tmp_path / "export")  # export back to Gemma Scope 2
     for i in range(n):
         a, b = load_file(str(back / f"params_layer_{i}.safetensors")), per[i]
@@ -69,3 +74,25 @@ def test_multilayer_refuses_incomplete_folders(tmp_path: Path) -> None:
         load_multilayer(path)
     with pytest.raises(SAEError, match="holds no params_layer"):
         load_multilayer(tmp_path)
+
+
+def test_native_folder_round_trips_and_registers_in_a_suite(tmp_path: Path) -> None:
+    from lmscope.sae.multilayer import is_multilayer, load_native, save_native
+    from lmscope.suite import Suite
+
+    per = _layers(np.random.default_rng(2), 3, 8, 5, True)
+    sae = load_multilayer(write_gs2_multilayer(tmp_path / "gs", "clt/width_16k_l0_big_affine", per))
+    sae.model, sae.training = "tiny-gemma3", {"l0": 12.0}
+    suite = Suite.create(tmp_path / "suite", model="tiny-gemma3")
+    path = save_native(sae, suite.path / "clt-L0-2")
+    assert is_multilayer(path) and not list(suite.path.glob(".*tmp*"))  # atomic: no temp left
+    suite.register([path])
+    again = Suite.open(suite.path)
+    assert again.names == [] and again.multilayer_names == ["clt-L0-2"]
+    e = again.entry("clt-L0-2")
+    assert (e["multilayer"], e["sites"], e["d_sae_total"]) == ("clt", ["L0.mlp_in", "L1.mlp_in", "L2.mlp_in"], 15)  # fmt: skip
+    back = again.load_multilayer("clt-L0-2")
+    for k in ("w_enc", "b_enc", "threshold", "w_dec", "b_dec", "skip"):
+        assert torch.equal(getattr(back, k), getattr(sae, k)), k
+    assert (back.kind, back.layers, back.model, back.training) == ("clt", (0, 1, 2), "tiny-gemma3", {"l0": 12.0})  # fmt: skip
+    assert load_native(path).config() == sae.config()

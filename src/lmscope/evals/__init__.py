@@ -16,6 +16,7 @@ _EXPORTS = {
     "EvalResult": "evaluate",
     "eval_blocks": "evaluate",
     "evaluate_saes": "evaluate",
+    "evaluate_multilayer": "multilayer",
     "evaluate_suite": "results",
     "evaluate_path": "results",
     "read_eval": "results",

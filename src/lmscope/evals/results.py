@@ -77,12 +77,22 @@ def evaluate_suite(
     """
     suite.require_saes()
     cfg = (cfg or EvalConfig()).with_defaults(suite.corpus, suite.seq_len)
-    chosen = list(dict.fromkeys(suite.resolve(n) for n in names)) if names else suite.names
+    every = [*suite.names, *suite.multilayer_names]
+    chosen = list(dict.fromkeys(suite.resolve(n) for n in names)) if names else every
+    multi = [n for n in chosen if n in suite.multilayer_names]
     loaded = loaded or suite.load_model(device=device)
     if loaded.name != suite.model:
         raise ConfigError(f"suite {suite.path} is of model {suite.model!r}, not {loaded.name!r}")
-    saes = {name: suite.load_sae(name, device=loaded.device) for name in chosen}
-    results = evaluate_saes(loaded, saes, eval_blocks(loaded, cfg), cfg)
+    blocks = eval_blocks(loaded, cfg)
+    results: dict[str, EvalResult] = {}
+    saes = {n: suite.load_sae(n, device=loaded.device) for n in chosen if n not in multi}
+    if saes:
+        results |= evaluate_saes(loaded, saes, blocks, cfg)
+    if multi:  # cross-layer transcoders and crosscoders (lmscope.evals.multilayer)
+        from lmscope.evals.multilayer import evaluate_multilayer
+
+        ml = {n: suite.load_multilayer(n, device=loaded.device) for n in multi}
+        results |= evaluate_multilayer(loaded, ml, blocks, cfg)
     for name, result in results.items():
         write_json_atomic(suite.sae_path(name) / EVAL_FILE, eval_record(result, suite.model, cfg))
         suite.set_metrics(name, json_safe(result.scalars))
@@ -120,10 +130,14 @@ def evaluate_path(
     parent = p.resolve().parent
     if (parent / MANIFEST).is_file():
         suite = Suite.open(parent)
-        if p.name in suite.names:
+        if p.name in suite.names or p.name in suite.multilayer_names:
             loaded = suite.load_model(device=device, dtype=model_dtype)
             return evaluate_suite(suite, cfg, names=[p.name], loaded=loaded)
     from lmscope.sae import load_sae
+    from lmscope.sae.multilayer import is_multilayer
+
+    if is_multilayer(p):
+        return _evaluate_lone_multilayer(p, cfg, model, device, model_dtype)
 
     sae = load_sae(p)
     model_name = model or sae.cfg.model
@@ -133,5 +147,23 @@ def evaluate_path(
     loaded = load_model(model_name, device=device, dtype=model_dtype or "float32")
     sae = sae.to(loaded.device)
     results = evaluate_saes(loaded, {p.name: sae}, eval_blocks(loaded, cfg), cfg)
+    write_json_atomic(p / EVAL_FILE, eval_record(results[p.name], model_name, cfg))
+    return results
+
+
+def _evaluate_lone_multilayer(
+    p: Path, cfg: EvalConfig | None, model: str | None, device: str | None, dtype: str | None
+) -> dict[str, EvalResult]:
+    """A native CLT / crosscoder folder outside a suite: its eval.json only."""
+    from lmscope.evals.multilayer import evaluate_multilayer
+    from lmscope.sae.multilayer import load_native
+
+    sae = load_native(p)
+    model_name = model or sae.model
+    if not model_name:
+        raise ConfigError(f"{p} names no model in its config; give one with --model")
+    cfg = (cfg or EvalConfig()).with_defaults("default", 128)
+    loaded = load_model(model_name, device=device, dtype=dtype or "float32")
+    results = evaluate_multilayer(loaded, {p.name: sae}, eval_blocks(loaded, cfg), cfg)
     write_json_atomic(p / EVAL_FILE, eval_record(results[p.name], model_name, cfg))
     return results

@@ -41,8 +41,9 @@ def _cmd_pull(args: argparse.Namespace) -> int:
                  l0s=csv(args.l0), affine={"yes": True, "no": False}.get(args.affine or ""),
                  model=args.model, source=args.source,
                  cache_dir=args.cache_dir, revision=args.revision)  # fmt: skip
-    print(f"wrote {len(suite.names)} SAEs of {args.release} to suite {suite.path} "
-          f"(model {suite.model}); next: lmscope eval {suite.path}")  # fmt: skip
+    n = len(suite.names) + len(suite.multilayer_names)
+    print(f"suite {suite.path} holds {n} SAEs (model {suite.model}) after pulling "
+          f"{args.release}; next: lmscope eval {suite.path}")  # fmt: skip
     return 0
 
 

@@ -7,6 +7,11 @@ folder is read by `lmscope.sae.formats.import_sae`, checked against the model's 
 files declare, and its width), and written as a native SAE folder whose config records where it
 came from (`training.source`). The result is an ordinary suite: eval, interpret, serve, attribute.
 
+Cross-layer transcoders and crosscoders (`clt/…`, `crosscoder/…`: one params_layer_i file per
+layer) are read by `lmscope.sae.multilayer.load_multilayer`, checked the same way at every layer
+they span (the files declare how many layers; a crosscoder's folder name lists which), and written
+as native multi-layer folders, listed in the manifest's `multilayer` list (docs/formats.md).
+
 >>> pull("gemma-scope-2-270m-pt-res-all", "runs/gs2", layers=[3], widths=["16k"], l0s=["small"])
 """
 
@@ -17,11 +22,14 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmscope.errors import ConfigError, SAEError
 from lmscope.releases.registry import Item, Release, release
 from lmscope.suite import Suite
+
+if TYPE_CHECKING:
+    from lmscope.sae.multilayer import MultiLayerSAE
 
 Progress = Callable[[str], None]
 
@@ -30,9 +38,15 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def fetch(rel: Release, items: list[Item], *, source: str | Path | None = None,
-          cache_dir: str | Path | None = None, revision: str | None = None,
-          offline: bool | None = None) -> tuple[Path, str | None]:  # fmt: skip
+def fetch(
+    rel: Release,
+    items: list[Item],
+    *,
+    source: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    revision: str | None = None,
+    offline: bool | None = None,
+) -> tuple[Path, str | None]:
     """The local repo root holding ``items`` and its revision (None for a plain local folder)."""
     if source is not None:
         root = Path(source)
@@ -46,8 +60,13 @@ def fetch(rel: Release, items: list[Item], *, source: str | Path | None = None,
     offline = _offline() if offline is None else offline
     patterns = [f"{it.folder}/*" for it in items]
     try:
-        path = snapshot_download(rel.repo, allow_patterns=patterns, cache_dir=cache_dir,
-                                 revision=revision, local_files_only=offline)  # fmt: skip
+        path = snapshot_download(
+            rel.repo,
+            allow_patterns=patterns,
+            cache_dir=cache_dir,
+            revision=revision,
+            local_files_only=offline,
+        )
     except Exception as e:  # offline without a cache, gated repo, no network: one line
         where = "the local Hugging Face cache" if offline else "the Hugging Face Hub"
         raise ConfigError(
@@ -98,10 +117,77 @@ def load_item(rel: Release, it: Item, root: Path) -> Any:
         )
     width = _declared_width(folder)
     if width is not None and sae.cfg.d_sae != width:
-        raise SAEError(f"{rel.repo}/{it.folder} holds {sae.cfg.d_sae} latents; its config says {width}")  # fmt: skip
+        raise SAEError(
+            f"{rel.repo}/{it.folder} holds {sae.cfg.d_sae} latents; its config says {width}"
+        )
     if it.affine != sae.cfg.skip:
-        raise SAEError(f"{rel.repo}/{it.folder}: affine skip {'missing' if it.affine else 'unexpected'}")  # fmt: skip
+        raise SAEError(
+            f"{rel.repo}/{it.folder}: affine skip {'missing' if it.affine else 'unexpected'}"
+        )
     return sae
+
+
+def load_multi_item(rel: Release, it: Item, root: Path) -> MultiLayerSAE:
+    """The CLT / crosscoder of one published folder, its layers and skip checked against the
+    registry, and its config.json's hook points (where it lists them) against its sites."""
+    from lmscope.sae.formats import HF_HOOKS, _site_from_hook
+    from lmscope.sae.multilayer import load_multilayer
+
+    folder = root / it.folder
+    if not folder.is_dir():
+        raise ConfigError(f"{rel.repo}/{it.folder} is missing from {root}; was it downloaded?")
+    kind = it.folder.split("/", 1)[0].removesuffix("_all")
+    sae = load_multilayer(folder, kind=kind, layers=it.layers if kind == "crosscoder" else ())
+    what = f"{rel.repo}/{it.folder}"
+    if sae.n_layers != len(it.layers):
+        raise SAEError(
+            f"{what} holds {sae.n_layers} layers; the registry expects {len(it.layers)} ({_span(it.layers)})"
+        )
+    if it.affine != (sae.skip is not None):
+        raise SAEError(f"{what}: affine skip {'missing' if it.affine else 'unexpected'}")
+    published = sae.published_config or {}
+    for key, want in (("hf_hook_point_in", sae.sites), ("hf_hook_point_out", sae.out_sites)):
+        hooks = published.get(key)
+        if isinstance(hooks, list):  # one hook per layer: the sites the files declare
+            declared = [_site_from_hook(h, HF_HOOKS) for h in hooks]
+            if declared != want:
+                raise SAEError(
+                    f"{what} declares {key} at {', '.join(declared)}; expected {', '.join(want)}"
+                )
+    l0 = published.get("l0")
+    sae.training = {**sae.training, "l0": float(l0) if isinstance(l0, int | float) else None}
+    return sae
+
+
+def _span(layers: tuple[int, ...]) -> str:
+    contiguous = list(layers) == list(range(layers[0], layers[-1] + 1))
+    return (
+        f"{layers[0]}-{layers[-1]}"
+        if contiguous and len(layers) > 2
+        else "_".join(map(str, layers))
+    )
+
+
+def _multi_folder_name(it: Item, sae: MultiLayerSAE) -> str:
+    suffix = "-affine" if it.affine else ""
+    kind = sae.sites[0].split(".", 1)[1]
+    return f"{sae.kind}-L{_span(sae.layers)}.{kind}-w{sae.d_sae * sae.n_layers}-l0{it.l0}{suffix}"
+
+
+def check_multi_sites(sae: MultiLayerSAE, sites: Any, what: str) -> None:
+    """One-line SAEError unless the model has every layer's sites at the SAE's widths."""
+    from lmscope.errors import SiteError
+
+    for site, out in zip(sae.sites, sae.out_sites):
+        try:
+            d_in, d_out = sites.site_dim(site), sites.site_dim(out)
+        except SiteError as e:
+            raise SAEError(f"{what} reads {site}, which the model does not have: {e}") from e
+        if (sae.d_in, sae.d_out) != (d_in, d_out):
+            raise SAEError(
+                f"{what} expects width {sae.d_in} at {site} and {sae.d_out} at {out} but the "
+                f"model has {d_in} and {d_out}; is it the model the release was trained on?"
+            )
 
 
 def check_sites(sae: Any, sites: Any, what: str) -> None:
@@ -138,11 +224,33 @@ def parse_layers(spec: str | None) -> list[int] | None:
     return out
 
 
-def pull(name: str, out: str | Path, *, layers: list[int] | None = None,
-         widths: list[str] | None = None, l0s: list[str] | None = None,
-         affine: bool | None = None, model: str | None = None, source: str | Path | None = None,
-         cache_dir: str | Path | None = None, revision: str | None = None,
-         offline: bool | None = None, progress: Progress | None = print) -> Suite:  # fmt: skip
+def _source(rel: Release, it: Item, rev: str | None) -> dict[str, Any]:
+    """Where a pulled folder came from (``training.source`` of what pull writes)."""
+    return {
+        "release": rel.name,
+        "repo": rel.repo,
+        "folder": it.folder,
+        "revision": rev,
+        "saelens_release": rel.saelens,
+        "published_model": rel.model,
+    }
+
+
+def pull(
+    name: str,
+    out: str | Path,
+    *,
+    layers: list[int] | None = None,
+    widths: list[str] | None = None,
+    l0s: list[str] | None = None,
+    affine: bool | None = None,
+    model: str | None = None,
+    source: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    revision: str | None = None,
+    offline: bool | None = None,
+    progress: Progress | None = print,
+) -> Suite:
     """Download the chosen folders of release ``name`` and write them as the suite ``out``.
 
     ``model`` overrides the release's model (a stand-in with the same site widths, e.g. for
@@ -150,31 +258,38 @@ def pull(name: str, out: str | Path, *, layers: list[int] | None = None,
     """
     from lmscope.model import SiteModel, load_model
     from lmscope.sae.formats import save_sae
+    from lmscope.sae.multilayer import save_native
 
     rel = release(name)
     items = rel.items(layers=layers, widths=widths, l0s=l0s, affine=affine)
-    multi = [it.folder for it in items if it.multilayer]
-    if multi:
-        raise ConfigError(
-            f"{name} holds cross-layer transcoders / crosscoders ({multi[0]}), which a suite cannot "
-            "hold yet (one SAE per site); read them with lmscope.sae.multilayer.load_multilayer"
-        )
     model_name = model or rel.lmscope_model
-    root, rev = fetch(rel, items, source=source, cache_dir=cache_dir, revision=revision,
-                      offline=offline)  # fmt: skip
-    saes = [(it, load_item(rel, it, root)) for it in items]
+    root, rev = fetch(
+        rel, items, source=source, cache_dir=cache_dir, revision=revision, offline=offline
+    )
+    multis = [(it, load_multi_item(rel, it, root)) for it in items if it.multilayer]
+    saes = [(it, load_item(rel, it, root)) for it in items if not it.multilayer]
     sites = SiteModel(load_model(model_name))
     for it, sae in saes:
         check_sites(sae, sites, f"{rel.repo}/{it.folder}")
+    for it, multi in multis:
+        check_multi_sites(multi, sites, f"{rel.repo}/{it.folder}")
     suite = Suite.create(out, model=model_name)
     folders = []
+    for it, multi in multis:
+        multi.model = model_name
+        multi.training = {**multi.training, "source": _source(rel, it, rev)}
+        path = save_native(multi, suite.path / _multi_folder_name(it, multi))
+        folders.append(path)
+        if progress:
+            progress(f"{rel.repo}/{it.folder} → {path}")
     for it, sae in saes:
         l0 = sae.cfg.training.get("l0")
         if l0 is None and it.l0.isdigit():
             l0 = float(it.l0)  # Gemma Scope 1 names the average L0 in the folder
-        src = {"release": rel.name, "repo": rel.repo, "folder": it.folder, "revision": rev,
-               "saelens_release": rel.saelens, "published_model": rel.model}  # fmt: skip
-        cfg = replace(sae.cfg, model=model_name, training={**sae.cfg.training, "l0": l0, "source": src})  # fmt: skip
+        src = _source(rel, it, rev)
+        cfg = replace(
+            sae.cfg, model=model_name, training={**sae.cfg.training, "l0": l0, "source": src}
+        )
         sae.cfg = cfg
         path = save_sae(sae, suite.path / _folder_name(it, sae.cfg.d_sae))
         folders.append(path)
