@@ -102,6 +102,9 @@ def test_explore_prune_group_steer_save_and_reload(context, graph_server, artifa
     page.wait_for_selector("#graph-tooltip:not([hidden]) .tt-label")
     assert page.inner_text("#graph-tooltip .tt-label") == labels[keys[labelled]][0]
     page.wait_for_selector("#graph-tooltip .tt-contexts .ctx")
+    ends = "ls => ls.map(l => [l.dataset.source, l.dataset.target])"
+    hot = page.eval_on_selector_all("#graph-svg.focus line.hot", ends)
+    assert hot and all(labelled in pair for pair in hot)  # its own edges stand out
     shot(page, artifacts, "graph-hover")
 
     # the pruning slider: fewer nodes at a lower threshold, all of them back at the top

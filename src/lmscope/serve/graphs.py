@@ -128,15 +128,14 @@ class Explorer:
         feats = [n for n in doc["nodes"] if n["kind"] == "feature"]
         for n in feats:
             n["sae"] = names[n["layer"]]
-        found: dict[tuple[str, int], tuple[str, float | None]] = {}
-        if feats and catalog.has_features(self.engine):
-            keys = list(dict.fromkeys((n["sae"], n["latent"]) for n in feats))
-            try:
-                found = catalog._query().labels(self.engine.suite, keys)
-            except LmscopeError:  # the database lacks these SAEs: no labels, still a graph
-                found = {}
+        keys = list(dict.fromkeys((n["sae"], n["latent"]) for n in feats))
+        try:
+            rows = catalog.labels(self.engine, keys) if keys else []
+            found = {(r["sae"], r["index"]): r["label"] for r in rows}
+        except LmscopeError:  # the database lacks these SAEs: no labels, still a graph
+            found = {}
         for n in feats:
-            n["label"] = found.get((n["sae"], n["latent"]), (None, None))[0]
+            n["label"] = found.get((n["sae"], n["latent"]))
 
     def steer(self, prompt: str, values: dict[tuple[int, int, int], float]) -> dict[str, Any]:
         """The model's top next tokens without and with the features set to ``values``."""

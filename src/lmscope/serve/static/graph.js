@@ -168,14 +168,29 @@ function drawNode(n, g, maxInfl) {
     const label = svgEl("text", { x, y: y + 4, "text-anchor": "middle" }, text.length > 14 ? text.slice(0, 13) + "…" : text);
     node.append(label);
   }
-  node.addEventListener("mouseenter", (ev) => showTooltip(n, ev));
+  node.addEventListener("mouseenter", (ev) => {
+    showTooltip(n, ev);
+    focusEdges(n.id);
+  });
   node.addEventListener("mousemove", (ev) => placeTooltip(ev));
-  node.addEventListener("mouseleave", hideTooltip);
+  node.addEventListener("mouseleave", () => {
+    hideTooltip();
+    focusEdges(null);
+  });
   node.addEventListener("click", (ev) => {
     if (ev.shiftKey) return togglePin(n.id);
     if (n.kind === "feature") window.open(featureHref(n.sae, n.latent), "_blank", "noopener");
   });
   return node;
+}
+
+// While a node is hovered its own edges stand out and the rest fade (ids are [FETL][0-9.]+).
+function focusEdges(id) {
+  const root = $("graph-svg");
+  if (!root) return;
+  root.querySelectorAll("line.hot").forEach((l) => l.classList.remove("hot"));
+  root.classList.toggle("focus", id !== null);
+  if (id !== null) root.querySelectorAll(`line[data-source="${id}"], line[data-target="${id}"]`).forEach((l) => l.classList.add("hot"));
 }
 
 function drawSupernodes(root, g) {
