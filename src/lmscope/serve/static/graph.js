@@ -80,7 +80,7 @@ function layout(doc, nodes) {
   const colW = perPos.map((k) => Math.max(64, 16 + STEP * k));
   const colX = [];
   colW.reduce((x, w, i) => ((colX[i] = x), x + w), LEFT);
-  const width = Math.max(LEFT + colW.reduce((a, b) => a + b, 0), 480);
+  const width = Math.max(LEFT + colW.reduce((a, b) => a + b, 0) + 64, 480); // + room for a supernode's name
   const rowH = [34, ...perLayer.map((k) => Math.max(40, 16 + STEP * k)), 34]; // tokens, layers, logits
   const height = rowH.reduce((a, b) => a + b, 0) + 8;
   const rowTop = (layer) => {
