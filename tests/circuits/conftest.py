@@ -1,4 +1,4 @@
-"""Random per-layer transcoders for the tiny models, and a prompt to attribute."""
+"""Random per-layer transcoders and cross-layer transcoders for the tiny models, and a prompt."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from lmscope.intervene import encode_prompt
 from lmscope.model import LoadedModel, tiny_model
 from lmscope.sae import SAE, SAEConfig, build_sae
+from lmscope.sae.multilayer import MultiLayerSAE
 
 PROMPT = "The quick brown fox jumps over"
 
@@ -48,3 +49,26 @@ def tiny_setup(request: pytest.FixtureRequest) -> tuple[LoadedModel, list[SAE], 
     """A tiny model of each supported family, its transcoders and the prompt's ids."""
     loaded = tiny_model(request.param)
     return loaded, random_transcoders(loaded), encode_prompt(loaded, PROMPT)
+
+
+def random_clt(loaded: LoadedModel, width: int = 16, skip: bool = False, seed: int = 0) -> MultiLayerSAE:  # fmt: skip
+    """A random cross-layer transcoder over every layer (mlp_in → mlp_out), about a third of its
+    latents firing. Its decoders into *earlier* layers are random too, as in published files:
+    the replacement model must ignore them."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = loaded.model.config.get_text_config()
+    d, n = int(cfg.hidden_size), int(cfg.num_hidden_layers)
+
+    def normal(*shape: int, scale: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    return MultiLayerSAE(
+        w_enc=normal(n, d, width, scale=d**-0.5),
+        b_enc=normal(n, width, scale=0.1),
+        threshold=torch.rand(n, width, generator=g) * 0.6,
+        w_dec=normal(n, width, n, d, scale=(width * n) ** -0.5),
+        b_dec=normal(n, d, scale=0.1),
+        skip=normal(n, d, d, scale=0.05) if skip else None,
+        kind="clt",
+        model=loaded.name,
+    )

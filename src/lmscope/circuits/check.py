@@ -27,7 +27,7 @@ def target_inputs(lin: Linearised, p: Pass, graph: Graph, targets: Sequence[int]
     for t in targets:
         if t < graph.n_features:
             layer, pos, latent = (int(v) for v in graph.features[t])
-            w_enc = lin.transcoders[layer].W_enc[:, latent]
+            w_enc = lin.coders.W_enc(layer)[:, latent]
             cols.append(p.mlp_in[layer][:, pos].to(w_enc.dtype) @ w_enc)
         elif t >= n_logit0:
             tok = graph.logit_ids[t - n_logit0]

@@ -2,7 +2,8 @@
 
 Nodes, in this order (rows and columns of ``Graph.adjacency``):
 
-1. features: every active transcoder latent (layer, position, latent) at an ordinary position;
+1. features: every active transcoder latent (layer, position, latent) at an ordinary position (a
+   CLT's latents by the layer that encodes them);
 2. errors: one per (layer, position), layer-major;
 3. tokens: one embedding node per position;
 4. logits: the top-probability next tokens at the last position (until their probabilities sum to
@@ -12,7 +13,8 @@ A node's *input* is what it reads from the residual stream in the linearised mod
 ``lmscope.circuits.replacement``): a feature's ``mlp_in · W_enc[:, i]`` (its pre-activation less
 ``b_enc``), a logit's de-meaned logit ``final · (W_U[:, t] − mean_v W_U[:, v])``. Errors and
 tokens have no inputs. A source node writes a vector into the residual stream: a feature
-``a · W_dec[i]`` into its layer's mlp_out, an error its error vector, a token its embedding.
+``a · W_dec[i]`` into its layer's mlp_out (a CLT feature of layer s ``a · W_dec[s→l][i]`` into the
+mlp_out of every layer l ≥ s), an error its error vector, a token its embedding.
 
 ``adjacency[t, s]`` is the direct effect of s on t: the part of t's input carried by s, i.e.
 ``(∂ input_t / ∂ written_s) · written_s``, with every other source held at its clean value,
@@ -33,10 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmscope.circuits.replacement import Linearised, Pass, linearise
+from lmscope.circuits.replacement import Linearised, Pass, Transcoder, linearise
 from lmscope.errors import CircuitError
 from lmscope.model import LoadedModel
-from lmscope.sae import SAE
 
 
 @dataclass
@@ -160,7 +161,7 @@ def _features(lin: Linearised) -> tuple[Tensor, Tensor]:
 
 def _targets(lin: Linearised, features: Tensor, logit_ids: Tensor) -> _Targets:
     n = lin.n_layers
-    dirs = [lin.transcoders[int(l_)].W_enc[:, int(i)] for l_, _, i in features.tolist()]
+    dirs = [lin.coders.W_enc(int(l_))[:, int(i)] for l_, _, i in features.tolist()]
     w_u = lin.sites.unembedding.detach()
     logit_dirs = (w_u[:, logit_ids] - w_u.mean(1, keepdim=True)).T
     t = lin.clean.ids.shape[1]
@@ -204,26 +205,35 @@ def _rows(
     got = torch.autograd.grad(outputs, wanted, grads, retain_graph=True, allow_unused=True)
     c = lin.clean
     t = c.ids.shape[1]
+    g_out = {
+        layer: got[layer + 1][:n].float()
+        for layer in range(lin.n_layers)
+        if layer + 1 < len(got) and got[layer + 1] is not None
+    }
     feat_cols, err_cols = [], []
     for layer in range(lin.n_layers):
-        g_l = got[layer + 1] if layer + 1 < len(got) else None
         sel = features[:, 0] == layer
-        if g_l is None:
-            feat_cols.append(torch.zeros(n, int(sel.sum())))
-            err_cols.append(torch.zeros(n, t))
-            continue
-        g_l = g_l[:n].float()
-        w_dec = lin.transcoders[layer].W_dec.detach().float()
         pos, idx = features[sel, 1].to(dev), features[sel, 2].to(dev)
-        # (∂input/∂mlp_out[pos]) · W_dec[idx] · a for the active latents only, one small matmul
-        # per position (features are sorted by position within a layer)
-        per = torch.empty(n, len(pos), device=dev)
-        start = 0
-        for p_, k in zip(*(v.tolist() for v in torch.unique_consecutive(pos, return_counts=True))):
-            per[:, start : start + k] = g_l[:, p_] @ w_dec[idx[start : start + k]].T
-            start += k
+        # Σ over the mlp_outs it writes of (∂input/∂mlp_out[pos]) · W_dec[idx] · a, for the
+        # active latents only: one small matmul per position and decoder (features are sorted
+        # by position within a layer)
+        per = torch.zeros(n, len(pos), device=dev)
+        runs = [v.tolist() for v in torch.unique_consecutive(pos, return_counts=True)]
+        for out_layer, w in lin.coders.decoders(layer):
+            g_l = g_out.get(out_layer)
+            if g_l is None:
+                continue
+            w_dec = w.detach().float()
+            start = 0
+            for p_, k in zip(*runs):
+                per[:, start : start + k] += g_l[:, p_] @ w_dec[idx[start : start + k]].T
+                start += k
         feat_cols.append((per * c.acts[layer][0, pos, idx].float()).cpu())
-        err_cols.append((g_l * c.errors[layer][0].float()).sum(-1).cpu())
+        g_own = g_out.get(layer)
+        errors = (
+            torch.zeros(n, t) if g_own is None else (g_own * c.errors[layer][0].float()).sum(-1)
+        )
+        err_cols.append(errors.cpu())
     g_e = got[0]
     tok_cols = (
         torch.zeros(n, t) if g_e is None else (g_e[:n].float() * c.embed[0].float()).sum(-1).cpu()
@@ -233,7 +243,7 @@ def _rows(
 
 def build_graph(
     loaded: LoadedModel,
-    transcoders: Sequence[SAE],
+    transcoders: Sequence[Transcoder],
     ids: Tensor,
     *,
     prompt: str = "",
@@ -241,7 +251,8 @@ def build_graph(
     logit_prob: float = 0.95,
     batch_size: int = 64,
 ) -> Graph:
-    """The attribution graph of the prompt ``ids`` [1, T] over ``transcoders`` (one per layer).
+    """The attribution graph of the prompt ``ids`` [1, T] over ``transcoders`` (one per layer, or
+    a single cross-layer transcoder).
 
     >>> graph = build_graph(loaded, transcoders, encode_prompt(loaded, "The capital of France is"))
     """
@@ -295,13 +306,13 @@ def build_graph(
         logit_tokens=[str(tok.decode([int(i)])) for i in logit_ids.tolist()],
         logit_probs=logit_probs.float().cpu(),
         adjacency=adjacency,
-        transcoders=[tc.cfg.site for tc in lin.transcoders],
+        transcoders=lin.coders.sites,
         seconds=time.perf_counter() - start,
     )
 
 
 def attribute(
-    loaded: LoadedModel, prompt: str, transcoders: Sequence[SAE], **options: Any
+    loaded: LoadedModel, prompt: str, transcoders: Sequence[Transcoder], **options: Any
 ) -> Graph:
     """``build_graph`` on the prompt's tokens (BOS added as the tokenizer does).
 
