@@ -8,6 +8,10 @@ the suite itself is left as it was.
 
     .venv/bin/python benchmarks/explain.py runs/quick --out benchmarks/results/explain.json
     .venv/bin/python benchmarks/explain.py runs/quick --server openai:http://127.0.0.1:8080/v1#gemma --latents 20
+    .venv/bin/python benchmarks/explain.py runs/lab --serve --latents 20 --items 4 --no-tokens
+
+`--serve` starts `transformers serve` on the cached Gemma 3 270M itself (needs `transformers[serving]`;
+`lmscope.interp.explain.local_server`) and times that.
 """
 
 from __future__ import annotations
@@ -97,44 +101,74 @@ def acceptance(suite: Suite, seed: int = 0) -> dict[str, dict[str, float]]:
     return out
 
 
+def tokens_run(suite: Suite, results: dict[str, object]) -> None:
+    t0 = time.perf_counter()
+    report = explain(suite, progress=False)
+    seconds = time.perf_counter() - t0
+    results["tokens"] = {"latents": report.labelled, "seconds": seconds, "latents_per_s": report.labelled / seconds}  # fmt: skip
+    print(f"tokens explainer + simulator scores: {report.labelled} latents in {seconds:.1f} s ({report.labelled / seconds:.0f}/s)")  # fmt: skip
+    acc = acceptance(suite)
+    results["acceptance"] = acc
+    print("| site kind | live latents | labelled | scored | detection median | shuffled | fuzzing median | shuffled |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key in sorted(acc, key=lambda k: (k == "all", k)):
+        r = acc[key]
+        print(f"| {key} | {r['live']:,} | {r['labelled']:,} | {r['scored']:,} | {r['detection_median']:.3f} | "
+              f"{r['detection_shuffled_median']:.3f} | {r['fuzzing_median']:.3f} | {r['fuzzing_shuffled_median']:.3f} |")  # fmt: skip
+
+
+def server_run(
+    suite: Suite, spec: str, args: argparse.Namespace, results: dict[str, object]
+) -> None:
+    saes = args.saes.split(",") if args.saes else suite.names[:1]
+    t0 = time.perf_counter()
+    rep = explain(suite, explainer=spec, saes=saes, latents=args.latents, concurrency=args.concurrency,
+                  items=args.items, progress=False)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    with sqlite3.connect(suite.features_db) as conn:
+        failed = conn.execute("SELECT COUNT(*) FROM scores WHERE error IS NOT NULL AND explainer != 'tokens'").fetchone()[0]  # fmt: skip
+        labels = [lab for (lab,) in conn.execute("SELECT label FROM explanations WHERE explainer != 'tokens' LIMIT 5")]  # fmt: skip
+    results["server"] = {"spec": spec, "saes": saes, "latents": rep.labelled, "items": args.items,
+                         "concurrency": args.concurrency, "requests": rep.requests, "seconds": seconds,
+                         "requests_per_s": rep.requests / seconds, "seconds_per_latent": seconds / max(rep.labelled, 1),
+                         "prompt_tokens": rep.prompt_tokens, "completion_tokens": rep.completion_tokens,
+                         "scores": {k: statistics.median(v) if v else None for k, v in rep.scores.items()},
+                         "failed_scores": failed, "labels_sample": labels}  # fmt: skip
+    print(f"server: {rep.summary()}; {rep.requests / seconds:.2f} requests/s, {seconds / max(rep.labelled, 1):.1f} s/latent")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("suite")
     ap.add_argument("--server", help="openai:<base-url>#<model>: also time this explainer")
+    ap.add_argument("--serve", action="store_true",
+                    help="start `transformers serve` on the cached Gemma 3 270M and time it")  # fmt: skip
+    ap.add_argument(
+        "--items", type=int, default=None, help="items per scorer and latent (server run)"
+    )
+    ap.add_argument("--no-tokens", action="store_true", help="skip the tokens explainer run")
     ap.add_argument("--latents", type=int, default=20, help="latents per SAE through the server")
     ap.add_argument("--saes", help="SAEs for the server run (default: the first)")
-    ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
-    results: dict[str, object] = {"suite": args.suite, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    results: dict[str, object] = {"suite": args.suite, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                  "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         path = scratch_copy(Path(args.suite), Path(tmp))
         suite = Suite.open(path)
-        t0 = time.perf_counter()
-        report = explain(suite, progress=False)
-        seconds = time.perf_counter() - t0
-        results["tokens"] = {"latents": report.labelled, "seconds": seconds, "latents_per_s": report.labelled / seconds}  # fmt: skip
-        print(f"tokens explainer + simulator scores: {report.labelled} latents in {seconds:.1f} s ({report.labelled / seconds:.0f}/s)")  # fmt: skip
-        acc = acceptance(suite)
-        results["acceptance"] = acc
-        print("| site kind | live latents | labelled | scored | detection median | shuffled | fuzzing median | shuffled |")  # fmt: skip
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for key in sorted(acc, key=lambda k: (k == "all", k)):
-            r = acc[key]
-            print(f"| {key} | {r['live']:,} | {r['labelled']:,} | {r['scored']:,} | {r['detection_median']:.3f} | "
-                  f"{r['detection_shuffled_median']:.3f} | {r['fuzzing_median']:.3f} | {r['fuzzing_shuffled_median']:.3f} |")  # fmt: skip
-        if args.server:
-            saes = args.saes.split(",") if args.saes else suite.names[:1]
-            t0 = time.perf_counter()
-            rep = explain(suite, explainer=args.server, saes=saes, latents=args.latents, concurrency=args.concurrency, progress=False)  # fmt: skip
-            seconds = time.perf_counter() - t0
-            results["server"] = {"spec": args.server, "latents": rep.labelled, "requests": rep.requests,
-                                 "seconds": seconds, "requests_per_s": rep.requests / seconds,
-                                 "seconds_per_latent": seconds / max(rep.labelled, 1),
-                                 "prompt_tokens": rep.prompt_tokens, "completion_tokens": rep.completion_tokens}  # fmt: skip
-            print(f"server: {rep.summary()}; {rep.requests / seconds:.2f} requests/s, {seconds / max(rep.labelled, 1):.1f} s/latent")  # fmt: skip
+        if not args.no_tokens:
+            tokens_run(suite, results)
+        if args.serve:
+            from lmscope.interp.explain.local_server import LocalServer
+
+            with LocalServer(Path(tmp) / "serve") as spec:
+                server_run(suite, spec, args, results)
+        elif args.server:
+            server_run(suite, args.server, args, results)
+        results["load_after"] = os.getloadavg()[0]
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

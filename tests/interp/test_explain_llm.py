@@ -37,6 +37,7 @@ class FakeChat(ThreadingHTTPServer):
         self.fail: list[int] = []
         self.garbage_after: int | None = None
         self.bad_answers = False
+        self.empty_labels = False
         self.delay = 0.0
         self.n_labels = 0
 
@@ -71,13 +72,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         srv = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][-1]["content"]
+        # the first user turn says what is asked (a second one only reminds of the format)
+        prompt = [m["content"] for m in body["messages"] if m["role"] == "user"][0]
         kind = "explain" if prompt.startswith("Excerpts:") else "judge"
         time.sleep(srv.delay)
         with srv.lock:
             srv.requests.append(
-                {"kind": kind, "prompt": prompt, "schema": "response_format" in body}
-            )
+                {"kind": kind, "prompt": prompt, "schema": "response_format" in body,
+                 "tag": self.headers.get("X-Lmscope-Item"), "turns": len(body["messages"])}
+            )  # fmt: skip
             n = len(srv.requests)
             status = srv.fail.pop(0) if srv.fail else 200
             garbage = srv.garbage_after is not None and n > srv.garbage_after
@@ -91,7 +94,7 @@ class Handler(BaseHTTPRequestHandler):
         if garbage:
             return self._send(200, "<html>gateway</html>")
         if kind == "explain":
-            content = label
+            content = "\n  " if srv.empty_labels else label
         else:
             k = len(re.findall(r"(?m)^\d+\. ", prompt))
             content = (
@@ -229,18 +232,69 @@ def test_garbage_stops_the_run_keeping_what_finished(suite: Suite, chat: FakeCha
     assert len(_finished(suite)) == 5 * len(suite.names)
 
 
-def test_judgements_that_are_not_yes_no_lists_are_an_error(suite: Suite, chat: FakeChat) -> None:
+def test_judgements_that_are_never_yes_no_lists_are_recorded_failures(suite: Suite, chat: FakeChat) -> None:  # fmt: skip
     chat.bad_answers = True
-    with pytest.raises(ExplainError, match="did not answer"):
-        explain(
-            suite, explainer=f"openai:{chat.url}#fake", latents=1, concurrency=1, progress=False
-        )
+    name = suite.names[0]
+    report = explain(suite, saes=[name], explainer=f"openai:{chat.url}#fake", latents=1, items=4,
+                     concurrency=1, progress=False)  # fmt: skip
+    assert report.labelled == 1 and report.failures == 2 and "2 scores failed" in report.summary()
     assert len(_labels(suite)) == 1  # the label it got is kept
+    with sqlite3.connect(suite.features_db) as conn:
+        rows = conn.execute("SELECT scorer, value, n, error FROM scores").fetchall()
+    assert len(rows) == 2
+    for _, value, n, error in rows:
+        assert value is None and 2 <= n <= 4 and f"answered 0 of {n}" in error
+    # per scorer: the list, then the list again with the reply and a reminder (a third turn)
+    judge = [r for r in chat.requests if r["kind"] == "judge"]
+    assert [r["turns"] for r in judge] == [1, 3, 1, 3]
+    chat.requests.clear()  # recorded failures are finished: a rerun asks nothing
+    again = explain(suite, saes=[name], explainer=f"openai:{chat.url}#fake", latents=1, items=4,
+                    progress=False)  # fmt: skip
+    assert again.skipped == 1 and again.requests == 0 and chat.requests == []
+
+
+def test_an_empty_label_is_asked_again_then_recorded_as_a_failure(suite: Suite, chat: FakeChat) -> None:  # fmt: skip
+    chat.empty_labels = True
+    report = explain(suite, saes=[suite.names[0]], explainer=f"openai:{chat.url}#fake", latents=2,
+                     concurrency=1, progress=False)  # fmt: skip
+    assert report.labelled == 2 and report.failures == 4
+    assert _labels(suite) == {} and len(_finished(suite)) == 2
+    explains = [r for r in chat.requests if r["kind"] == "explain"]
+    assert [r["turns"] for r in explains] == [
+        2,
+        4,
+        2,
+        4,
+    ]  # asked again with the reply and a reminder
+    assert not [
+        r for r in chat.requests if r["kind"] == "judge"
+    ]  # nothing to judge without a label
+    with sqlite3.connect(suite.features_db) as conn:
+        errors = [e for (e,) in conn.execute("SELECT error FROM scores")]
+    assert len(errors) == 4 and all("no label in the explainer's replies" in e for e in errors)
+
+
+def test_requests_name_their_latent_and_items_are_capped(suite: Suite, chat: FakeChat) -> None:
+    name = suite.names[0]
+    report = explain(suite, saes=[name], explainer=f"openai:{chat.url}#fake", latents=3, items=2,
+                     concurrency=1, progress=False)  # fmt: skip
+    assert report.labelled == 3
+    with sqlite3.connect(suite.features_db) as conn:
+        sae = conn.execute("SELECT id FROM saes WHERE name = ?", (name,)).fetchone()[0]
+        done = sorted(conn.execute("SELECT DISTINCT idx FROM scores").fetchall())
+        ns = [n for (n,) in conn.execute("SELECT n FROM scores")]
+    tags = [r["tag"] for r in chat.requests]
+    assert sorted(set(tags)) == sorted(f"{sae}:{i}:{what}" for (i,) in done
+                                       for what in ("explain", "detection", "fuzzing"))  # fmt: skip
+    assert all(n <= 2 for n in ns)
+    with pytest.raises(ExplainError, match="--items must be at least 2"):
+        explain(suite, explainer=f"openai:{chat.url}#fake", items=1, progress=False)
 
 
 def test_answers_are_read_from_json_lists_or_bare_words() -> None:
     assert parse_answers('{"answers": [1, 0, 1]}', 3) == [True, False, True]
     assert parse_answers("Sure: [0, 1]", 2) == [False, True]
-    assert parse_answers("1. yes\n2. no", 2) is None  # three yes/no words for two items: ambiguous
+    assert parse_answers("1. yes\n2. no", 2) == [True, False]  # numbering is not an answer
+    assert parse_answers("1 0 1", 2) is None  # three answers for two items: ambiguous
     assert parse_answers("yes no yes", 3) == [True, False, True]
     assert parse_answers("[1, 1]", 3) is None

@@ -42,7 +42,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     )
     report = explain(args.suite, saes=[s for s in args.saes.split(",") if s.strip()] if args.saes else None,
                      explainer=args.explainer, scorers=[s for s in args.scorers.split(",") if s.strip()],
-                     latents=latents, judge=args.judge, concurrency=args.concurrency, client=client)  # fmt: skip
+                     latents=latents, judge=args.judge, concurrency=args.concurrency, client=client,
+                     items=args.items)  # fmt: skip
     print(report.summary())
     return 0
 
@@ -67,6 +68,10 @@ def _add_explain(sub: Any) -> None:
     )
     p.add_argument("--latents", default="all",
                    help="the first N live latents of each SAE, or all (default: %(default)s)")  # fmt: skip
+    p.add_argument("--items", type=int, default=None,
+                   help="judge at most N items per scorer and latent, half of them activating, and "
+                   "show an LLM explainer at most 2N contexts (default: every held-out context, 12 "
+                   "contexts; a few keep a small local model's prompts short)")  # fmt: skip
     p.add_argument("--judge", choices=["simulator", "llm"], default=None,
                    help="who scores: the LLM when an LLM explains, else the simulator")  # fmt: skip
     p.add_argument(

@@ -22,7 +22,7 @@ from lmscope.atomic import temp_path
 from lmscope.interp.features import LatentStats
 
 FORMAT = "lmscope.features"
-VERSION = 2  # 2: random-token samples, explanations and their scores
+VERSION = 3  # 2: random-token samples, explanations and their scores; 3: scores.error
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS explanations (sae INTEGER NOT NULL, idx INTEGER NOT N
     explainer TEXT NOT NULL, label TEXT NOT NULL, PRIMARY KEY (sae, idx, explainer)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS scores (sae INTEGER NOT NULL, idx INTEGER NOT NULL,
     explainer TEXT NOT NULL, scorer TEXT NOT NULL, judge TEXT NOT NULL, value REAL,
-    n INTEGER NOT NULL, PRIMARY KEY (sae, idx, explainer, scorer)) WITHOUT ROWID;
+    n INTEGER NOT NULL, error TEXT, PRIMARY KEY (sae, idx, explainer, scorer)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS scores_by_value ON scores (sae, scorer, value);
 CREATE VIRTUAL TABLE IF NOT EXISTS label_search USING fts5(label, sae UNINDEXED, idx UNINDEXED,
     explainer UNINDEXED);

@@ -22,6 +22,7 @@ from typing import Any
 from lmscope.interp.explain import ExplainError
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
+TAG_HEADER = "X-Lmscope-Item"  # `<sae id>:<latent>:<explain|detection|fuzzing>` of a request
 
 
 def _snippet(text: str, n: int = 120) -> str:
@@ -40,10 +41,12 @@ class ChatClient:
         self.seconds = 0.0
         self._lock = threading.Lock()
 
-    def _open(self, path: str, body: dict[str, Any] | None) -> Any:
+    def _open(self, path: str, body: dict[str, Any] | None, tag: str | None = None) -> Any:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        if tag:
+            headers[TAG_HEADER] = tag
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, headers=headers)
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (a URL the user gave)
@@ -69,8 +72,11 @@ class ChatClient:
         if served is not None and served and self.model not in served:
             raise ExplainError(f"the chat server at {self.base} has no model {self.model!r}; it serves: {', '.join(served)}")  # fmt: skip
 
-    def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 256, schema: dict[str, Any] | None = None) -> str:  # fmt: skip
-        """The reply's text; `schema` asks for JSON output of that shape where the server can."""
+    def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 256, schema: dict[str, Any] | None = None,
+             tag: str | None = None) -> str:  # fmt: skip
+        """The reply's text; `schema` asks for JSON output of that shape where the server can;
+        `tag` (what the request is for, e.g. `3:17:detection`) goes in the `X-Lmscope-Item` header,
+        for server logs and proxies."""
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                                 "temperature": 0.0}  # fmt: skip
         if schema is not None and self.structured:
@@ -83,7 +89,7 @@ class ChatClient:
             with self._lock:
                 self.requests += 1
             try:
-                text = self._open("/chat/completions", body)
+                text = self._open("/chat/completions", body, tag)
             except urllib.error.HTTPError as e:
                 detail = _snippet(e.read().decode("utf-8", "replace"))
                 if e.code in RETRY_STATUS and attempt < self.retries:

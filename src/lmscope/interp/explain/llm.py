@@ -4,7 +4,8 @@ Prompts follow Neuronpedia's and Delphi's: excerpts of text with the tokens wher
 marked `<<like this>>` and their activations, strongest first, plus the tokens its decoder
 promotes. The judge gets numbered excerpts and answers a JSON list of 0/1, asked for through the
 server's structured output where it has one; a reply that still is not such a list is asked
-again once, then is an `ExplainError`.
+again once with a reminder. Small models often answer nonsense: what they never answer is a
+recorded failure (`JudgeFailure`, `NoLabel`: the score's `error`), not a reason to stop the run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lmscope.interp.explain.scorers import Item
 
 N_SHOWN = 12  # contexts in an explanation prompt
 ANSWER = re.compile(r"\b(0|1|yes|no|true|false)\b", re.IGNORECASE)
+NUMBERING = re.compile(r"(?m)^\s*\d+\s*[.):]")  # "1. yes" numbers the answer, is not one
 
 EXPLAIN_SYSTEM = (
     "You label features of a language model. Each excerpt shows text where the feature fires; the "
@@ -39,6 +41,15 @@ FUZZ_PROMPT = (
 )
 
 
+ANSWER_AGAIN = (
+    'Reply with the JSON object only: {{"answers": [...]}} with {n} numbers, each 0 or 1.'
+)
+LABEL_AGAIN = "Reply with the label only: one short phrase saying what the feature fires on."
+LABEL_TOKENS = 24
+LABEL_PREFIX = re.compile(r"^(?:\*\*)?(?:label|feature|answer)\s*:\s*", re.IGNORECASE)
+WORD = re.compile(r"\w")
+
+
 def _mark(texts: Sequence[str], marked: Sequence[int], acts: Sequence[float] = ()) -> str:
     out = []
     for i, t in enumerate(texts):
@@ -49,8 +60,8 @@ def _mark(texts: Sequence[str], marked: Sequence[int], acts: Sequence[float] = (
     return "".join(out).replace("\n", "\\n")
 
 
-def explain_prompt(latent: Latent, text: Callable[[int], str]) -> list[dict[str, str]]:
-    shown: list[Context] = sorted(latent.shown, key=lambda c: -c.act)[:N_SHOWN]
+def explain_prompt(latent: Latent, text: Callable[[int], str], n_shown: int = N_SHOWN) -> list[dict[str, str]]:  # fmt: skip
+    shown: list[Context] = sorted(latent.shown, key=lambda c: -c.act)[:n_shown]
     lines = []
     for k, c in enumerate(shown, 1):
         texts = [text(t) for t in c.ids]
@@ -80,7 +91,7 @@ def parse_answers(reply: str, n: int) -> list[bool] | None:
     for c in candidates:
         if isinstance(c, list) and len(c) == n and all(str(x).lower() in ("0", "1", "true", "false", "yes", "no") for x in c):  # fmt: skip
             return [str(x).lower() in ("1", "true", "yes") for x in c]
-    words = ANSWER.findall(reply)
+    words = ANSWER.findall(NUMBERING.sub("", reply))
     if len(words) == n:
         return [w.lower() in ("1", "true", "yes") for w in words]
     return None
@@ -104,41 +115,77 @@ def _schema(n: int) -> dict[str, Any]:
     return {"type": "object", "properties": {"answers": answers}, "required": ["answers"]}
 
 
+class NoLabel(ExplainError):
+    """The LLM answered no usable label: recorded as the latent's scores' `error`."""
+
+
+def clean_label(reply: str) -> str:
+    """The label in a reply: its first non-empty line, without a `Label:` prefix or wrapping
+    quotes, whitespace collapsed, at most 300 characters."""
+    for line in reply.strip().splitlines():
+        line = LABEL_PREFIX.sub("", line.strip()).strip().strip("`*").strip()
+        if len(line) >= 2 and line[0] == line[-1] == '"' and '"' not in line[1:-1]:
+            line = line[1:-1]
+        line = " ".join(line.split())[:300]
+        if WORD.search(line):
+            return line
+    return ""
+
+
+def _tag(latent: Latent | None, what: str) -> str | None:
+    return None if latent is None else f"{latent.sae}:{latent.index}:{what}"
+
+
 class LLMExplainer:
-    def __init__(self, client: ChatClient, text: Callable[[int], str]) -> None:
-        self.client, self.text = client, text
+    """`n_shown`: the strongest contexts in the prompt."""
+
+    def __init__(self, client: ChatClient, text: Callable[[int], str], n_shown: int = N_SHOWN) -> None:  # fmt: skip
+        self.client, self.text, self.n_shown = client, text, n_shown
         self.name = f"openai:{client.model}"
 
     def explain(self, latent: Latent) -> str:
-        reply = self.client.chat(explain_prompt(latent, self.text), max_tokens=64)
-        label = " ".join(reply.strip().strip('"').split())[:300]
-        if not label:
-            raise ExplainError(f"the chat server at {self.client.base} answered an empty label")
-        return label
+        """The label, asked once more (with the first reply and a reminder) when the first reply
+        holds none; `NoLabel` when neither does."""
+        messages = explain_prompt(latent, self.text, self.n_shown)
+        reply = ""
+        for _ in range(2):
+            reply = self.client.chat(messages, max_tokens=LABEL_TOKENS, tag=_tag(latent, "explain"))
+            label = clean_label(reply)
+            if label:
+                return label
+            messages = [*messages, {"role": "assistant", "content": reply},
+                        {"role": "user", "content": LABEL_AGAIN}]  # fmt: skip
+        raise NoLabel(
+            f"no label in the explainer's replies (last: {' '.join(reply.split())[:80]!r})"
+        )
 
 
 class LLMJudge:
+    """Asks for all items of a scorer in one request (a JSON list), once more with the reply and
+    a reminder when it is not such a list; then gives up on them (all None: `score` records the
+    failure)."""
+
     def __init__(self, client: ChatClient) -> None:
         self.client = client
         self.name = f"openai:{client.model}"
 
-    def _ask(self, prompt: str, n: int) -> list[bool]:
-        reply = ""
+    def _ask(self, prompt: str, n: int, tag: str | None) -> list[bool | None]:
+        messages = [{"role": "user", "content": prompt}]
         for _ in range(2):
-            reply = self.client.chat(
-                [{"role": "user", "content": prompt}], max_tokens=16 + 8 * n, schema=_schema(n)
-            )
+            reply = self.client.chat(messages, max_tokens=8 + 3 * n, schema=_schema(n), tag=tag)
             answers = parse_answers(reply, n)
             if answers is not None:
-                return answers
-        raise ExplainError(f"the chat server at {self.client.base} did not answer {n} yes/no judgements: {' '.join(reply.split())[:80]!r}")  # fmt: skip
+                return list(answers)
+            messages = [*messages, {"role": "assistant", "content": reply},
+                        {"role": "user", "content": ANSWER_AGAIN.format(n=n)}]  # fmt: skip
+        return [None] * n
 
-    def detect(self, label: str, items: Sequence[Item]) -> list[bool]:
-        body = "\n".join(
-            f"{k}. {_mark(it.texts, [len(it.texts) - 1])}" for k, it in enumerate(items, 1)
-        )
-        return self._ask(DETECT_PROMPT.format(label=label, items=body, n=len(items)), len(items))
+    def detect(self, label: str, items: Sequence[Item], latent: Latent | None = None) -> list[bool | None]:  # fmt: skip
+        body = "\n".join(f"{k}. {_mark(it.texts, [len(it.texts) - 1])}" for k, it in enumerate(items, 1))  # fmt: skip
+        prompt = DETECT_PROMPT.format(label=label, items=body, n=len(items))
+        return self._ask(prompt, len(items), _tag(latent, "detection"))
 
-    def fuzz(self, label: str, items: Sequence[Item]) -> list[bool]:
+    def fuzz(self, label: str, items: Sequence[Item], latent: Latent | None = None) -> list[bool | None]:  # fmt: skip
         body = "\n".join(f"{k}. {_mark(it.texts, it.marked)}" for k, it in enumerate(items, 1))
-        return self._ask(FUZZ_PROMPT.format(label=label, items=body, n=len(items)), len(items))
+        prompt = FUZZ_PROMPT.format(label=label, items=body, n=len(items))
+        return self._ask(prompt, len(items), _tag(latent, "fuzzing"))

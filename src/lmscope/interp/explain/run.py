@@ -22,9 +22,16 @@ from tqdm.auto import tqdm
 
 from lmscope.interp.explain import ExplainError, store
 from lmscope.interp.explain.client import ChatClient
-from lmscope.interp.explain.llm import LLMExplainer, LLMJudge
+from lmscope.interp.explain.llm import N_SHOWN, LLMExplainer, LLMJudge, NoLabel
 from lmscope.interp.explain.records import Corpus, Latent, SaeData, load_sae
-from lmscope.interp.explain.scorers import SCORERS, Judge, SimulatorJudge, items_for, score
+from lmscope.interp.explain.scorers import (
+    SCORERS,
+    Judge,
+    JudgeFailure,
+    SimulatorJudge,
+    items_for,
+    score,
+)
 from lmscope.interp.explain.tokens import TokensExplainer
 from lmscope.suite import Suite
 
@@ -45,12 +52,15 @@ class ExplainReport:
     completion_tokens: int = 0
     seconds: float = 0.0
     scores: dict[str, list[float]] = field(default_factory=dict)  # this run's values per scorer
+    failures: int = 0  # scores this run recorded as failed (an LLM that answered no label or list)
 
     def summary(self) -> str:
         parts = [f"{self.explainer}: {self.labelled} latents labelled, {self.skipped} already done, {self.seconds:.1f} s"]  # fmt: skip
         for scorer, values in self.scores.items():
             if values:
                 parts.append(f"{scorer} median {statistics.median(values):.3f} ({self.judge}, {len(values)} scored)")  # fmt: skip
+        if self.failures:
+            parts.append(f"{self.failures} scores failed (see scores.error)")
         if self.requests:
             parts.append(f"{self.requests} requests, {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens")  # fmt: skip
         return "; ".join(parts)
@@ -79,11 +89,14 @@ def explain(
     judge: str | None = None,
     concurrency: int = 4,
     client: ChatClient | None = None,
+    items: int | None = None,
     progress: bool = True,
 ) -> ExplainReport:
     """Label and score the live latents of `suite` (those of `saes`; the first `latents` live ones
     of each SAE, or all); returns what this run did. `judge="simulator"` scores LLM labels with
-    the simulator; by default the LLM judges its own labels and the simulator the token ones."""
+    the simulator; by default the LLM judges its own labels and the simulator the token ones.
+    `items`: judge at most that many items per scorer and latent (all by default), and show an
+    LLM explainer at most twice that many contexts (12 by default)."""
     suite = suite if isinstance(suite, Suite) else Suite.open(suite)
     bad = [s for s in scorers if s not in SCORERS]
     if bad:
@@ -92,6 +105,8 @@ def explain(
         raise ExplainError(f"unknown judge {judge!r}; valid: simulator, llm")
     if latents is not None and latents < 1:
         raise ExplainError(f"--latents must be a positive number or 'all', got {latents}")
+    if items is not None and items < 2:
+        raise ExplainError(f"--items must be at least 2 (one activating, one not), got {items}")
     client = client or parse_explainer(explainer)
     if client is None and judge == "llm":
         raise ExplainError("judge 'llm' needs an openai:<base-url>#<model> explainer")
@@ -126,9 +141,9 @@ def explain(
                 bar.total = (bar.total or 0) + len(todo)
                 have = store.labelled(conn, ids[sae], name)
                 if client is None:
-                    _run_tokens(conn, data, todo, have, corpus, the_judge, scorers, report, bar)
+                    _run_tokens(conn, data, todo, have, corpus, the_judge, scorers, items, report, bar)  # fmt: skip
                 else:
-                    _run_llm(conn, data, todo, have, corpus, client, the_judge, scorers, concurrency, report, bar)  # fmt: skip
+                    _run_llm(conn, data, todo, have, corpus, client, the_judge, scorers, items, concurrency, report, bar)  # fmt: skip
         report.seconds = time.perf_counter() - t0
         if client is not None:
             report.requests, report.seconds = client.requests, report.seconds
@@ -144,15 +159,18 @@ def explain(
             conn.close()
 
 
-Scores = dict[str, tuple[float | None, int]]
+Scores = dict[str, tuple[float | None, int, str | None]]  # scorer -> (value, items, error)
 
 
 def _score_all(latent: Latent, data: SaeData, text: Callable[[int], str], judge: Judge, label: str,
-               scorers: Sequence[str]) -> Scores:  # fmt: skip
+               scorers: Sequence[str], limit: int | None) -> Scores:  # fmt: skip
     out: Scores = {}
     for scorer in scorers:
-        items = items_for(scorer, latent, data, text)
-        out[scorer] = (score(scorer, judge, label, items), len(items))
+        items = items_for(scorer, latent, data, text, limit)
+        try:
+            out[scorer] = (score(scorer, judge, label, items, latent), len(items), None)
+        except JudgeFailure as e:
+            out[scorer] = (None, len(items), str(e))
     return out
 
 
@@ -160,19 +178,20 @@ def _write(conn: sqlite3.Connection, latent: Latent, explainer: str, judge: str,
            scores: Scores, report: ExplainReport, new_label: bool) -> None:  # fmt: skip
     if label is not None and new_label:
         store.put_label(conn, latent.sae, latent.index, explainer, label)
-    for scorer, (value, n) in scores.items():
-        store.put_score(conn, latent.sae, latent.index, explainer, scorer, judge, value, n)
+    for scorer, (value, n, error) in scores.items():
+        store.put_score(conn, latent.sae, latent.index, explainer, scorer, judge, value, n, error)
         if value is not None:
             report.scores[scorer].append(value)
+        report.failures += error is not None
 
 
 def _run_tokens(conn: sqlite3.Connection, data: SaeData, todo: list[Latent], have: dict[int, str],
-                corpus: Corpus, judge: Judge, scorers: Sequence[str], report: ExplainReport,
-                bar: Any) -> None:  # fmt: skip
+                corpus: Corpus, judge: Judge, scorers: Sequence[str], limit: int | None,
+                report: ExplainReport, bar: Any) -> None:  # fmt: skip
     explainer = TokensExplainer(data, corpus.text)
     for k, latent in enumerate(todo, 1):
         label = have.get(latent.index) or explainer.explain(latent)
-        scores = _score_all(latent, data, corpus.text, judge, label, scorers)
+        scores = _score_all(latent, data, corpus.text, judge, label, scorers, limit)
         _write(conn, latent, "tokens", judge.name, label, scores, report, latent.index not in have)
         report.labelled += 1
         if k % COMMIT_EVERY == 0:
@@ -184,16 +203,20 @@ def _run_tokens(conn: sqlite3.Connection, data: SaeData, todo: list[Latent], hav
 
 def _run_llm(conn: sqlite3.Connection, data: SaeData, todo: list[Latent], have: dict[int, str],
              corpus: Corpus, client: ChatClient, judge: Judge, scorers: Sequence[str],
-             concurrency: int, report: ExplainReport, bar: Any) -> None:  # fmt: skip
-    explainer = LLMExplainer(client, corpus.text)
+             limit: int | None, concurrency: int, report: ExplainReport, bar: Any) -> None:  # fmt: skip
+    explainer = LLMExplainer(
+        client, corpus.text, N_SHOWN if limit is None else min(N_SHOWN, 2 * limit)
+    )
 
     def work(latent: Latent) -> tuple[Latent, str | None, Scores, Exception | None]:
         label, scores = have.get(latent.index), {}
         try:
             if label is None:
                 label = explainer.explain(latent)
-            scores = _score_all(latent, data, corpus.text, judge, label, scorers)
+            scores = _score_all(latent, data, corpus.text, judge, label, scorers, limit)
             return latent, label, scores, None
+        except NoLabel as e:  # a failure of this latent: recorded, and the run goes on
+            return latent, None, {s: (None, 0, str(e)) for s in scorers}, None
         except ExplainError as e:
             return latent, label, scores, e
 

@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-from lmscope.interp.db import EXPLAIN_SCHEMA, FORMAT
+from lmscope.interp.db import EXPLAIN_SCHEMA, FORMAT, VERSION
 
 LABEL_SEARCH = "CREATE VIRTUAL TABLE label_search USING fts5(label, sae UNINDEXED, idx UNINDEXED, explainer UNINDEXED)"
 
@@ -23,20 +23,26 @@ SAME_RECORDS = ("suite", "corpus", "split", "seed", "seq_len", "tokens", "config
 
 
 def open_rw(path: Path) -> sqlite3.Connection:
-    """A writable connection to a published database, with the explanation tables present."""
+    """A writable connection to a published database, with the explanation tables present (a
+    version-2 database gets `scores.error`, NULL in its rows: the only change in version 3)."""
     conn = sqlite3.connect(path, timeout=30)
     conn.execute("PRAGMA journal_mode = DELETE")
     conn.executescript(EXPLAIN_SCHEMA)
+    if "error" not in _columns(conn, "scores"):
+        with conn:
+            conn.execute("ALTER TABLE scores ADD COLUMN error TEXT")
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (str(VERSION),))
     return conn
 
 
-def finished(conn: sqlite3.Connection, sae: int, explainer: str, scorers: Iterable[str]) -> dict[int, str]:  # fmt: skip
-    """Latents of `sae` that have `explainer`'s label and every score in `scorers`: index -> label."""
-    labels = dict(
-        conn.execute(
-            "SELECT idx, label FROM explanations WHERE sae = ? AND explainer = ?", (sae, explainer)
-        )
-    )
+def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')]
+
+
+def finished(conn: sqlite3.Connection, sae: int, explainer: str, scorers: Iterable[str]) -> set[int]:  # fmt: skip
+    """Latents of `sae` that have a score row of `explainer` for every scorer in `scorers` (a
+    label too, unless the explainer failed on them: then their scores say so in `error`)."""
+    done: set[int] | None = None
     for scorer in scorers:
         scored = {
             i
@@ -45,8 +51,8 @@ def finished(conn: sqlite3.Connection, sae: int, explainer: str, scorers: Iterab
                 (sae, explainer, scorer),
             )
         }
-        labels = {i: lab for i, lab in labels.items() if i in scored}
-    return labels
+        done = scored if done is None else done & scored
+    return done or set()
 
 
 def labelled(conn: sqlite3.Connection, sae: int, explainer: str) -> dict[int, str]:
@@ -74,11 +80,13 @@ def reindex(conn: sqlite3.Connection) -> None:
 
 
 def put_score(conn: sqlite3.Connection, sae: int, idx: int, explainer: str, scorer: str, judge: str,
-              value: float | None, n: int) -> None:  # fmt: skip
-    """Store a score over `n` judged items; `value` None (NULL) marks a latent that cannot be
-    scored (no held-out contexts of one kind), so that a rerun does not try it again. The caller
-    commits."""
-    conn.execute("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?)", (sae, idx, explainer, scorer, judge, value, n))  # fmt: skip
+              value: float | None, n: int, error: str | None = None) -> None:  # fmt: skip
+    """Store a score over `n` judged items. `value` None (NULL) marks a latent that cannot be
+    scored: with `error` None because it has no held-out contexts of one kind, else because the
+    judge failed (`error` says how: an LLM that never answered the yes/no list asked for). Either
+    way a rerun does not try it again. The caller commits."""
+    conn.execute("INSERT OR REPLACE INTO scores (sae, idx, explainer, scorer, judge, value, n, error) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (sae, idx, explainer, scorer, judge, value, n, error))  # fmt: skip
 
 
 def carry_over(old: Path, new: sqlite3.Connection) -> int:
@@ -92,6 +100,8 @@ def carry_over(old: Path, new: sqlite3.Connection) -> int:
         return 0
     try:
         meta_old = dict(src.execute("SELECT key, value FROM meta").fetchall())
+        cols = "sae, idx, explainer, scorer, judge, value, n"
+        cols += ", error" if "error" in _columns(src, "scores") else ""
         meta_new = dict(new.execute("SELECT key, value FROM meta").fetchall())
         if meta_old.get("format") != FORMAT or any(
             meta_old.get(k) != meta_new.get(k) for k in SAME_RECORDS
@@ -102,12 +112,13 @@ def carry_over(old: Path, new: sqlite3.Connection) -> int:
         if saes_old != saes_new:
             return 0
         expl = src.execute("SELECT sae, idx, explainer, label FROM explanations").fetchall()
-        scores = src.execute("SELECT * FROM scores").fetchall()
+        scores = src.execute(f"SELECT {cols} FROM scores").fetchall()
     except sqlite3.Error:  # an older database without the tables, or not a database at all
         return 0
     finally:
         src.close()
     new.executemany("INSERT INTO explanations VALUES (?, ?, ?, ?)", expl)
-    new.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?)", scores)
+    marks = ", ".join("?" * len(cols.split(", ")))
+    new.executemany(f"INSERT INTO scores ({cols}) VALUES ({marks})", scores)
     reindex(new)
     return len(expl)
