@@ -24,7 +24,7 @@ from lmscope.interp.explain.scorers import (
     fuzzing_items,
     score,
 )
-from lmscope.interp.explain.simulator import Rule, parse_label, render
+from lmscope.interp.explain.simulator import Rule, parse_label, render, token_class
 from lmscope.interp.explain.tokens import TokensExplainer
 from lmscope.suite import Suite
 
@@ -52,17 +52,16 @@ def test_every_live_latent_gets_a_tokens_label_and_both_scores(suite: Suite) -> 
         assert set(scored) == set(live)
         values = [v for v in scored.values() if v is not None]
         assert len(values) > 0.8 * len(live) and all(0.0 <= v <= 1.0 for v in values)
-    # labels are rules the simulator can read, naming tokens
-    assert all(
-        parse_label(lab).tokens is None or parse_label(lab).tokens for lab in labels.values()
-    )
+    # labels are rules the simulator can read, naming tokens or token classes
+    rules = [parse_label(lab) for lab in labels.values()]
+    assert all(r.tokens is None or r.tokens or r.classes for r in rules)
 
 
 def test_scored_contexts_are_held_out_and_fire_or_not_as_the_sae_says(interpreted: Interpreted, suite: Suite) -> None:  # fmt: skip
     T = interpreted.ids.shape[1]
     conn = sqlite3.connect(suite.features_db)
     corpus = Corpus(conn)
-    checked = 0
+    checked = extra = 0
     for sae_id, name in conn.execute("SELECT id, name FROM saes").fetchall():
         f = (interpreted.latents[name] * interpreted.mask[..., None]).reshape(-1, interpreted.latents[name].shape[-1])  # fmt: skip
         data = load_sae(conn, corpus, sae_id, name)
@@ -86,8 +85,19 @@ def test_scored_contexts_are_held_out_and_fire_or_not_as_the_sae_says(interprete
                 assert float(f[seq * T + pos, lat.index]) == 0.0
             for it in fuzzing_items(lat, corpus.text):
                 assert it.truth or it.marked  # random highlights differ from the right ones
+            # extra firings: real, and never a token any scorer asks about
+            asked = {c.where for c in data.pool} | {c.where for c in lat.held}
+            for c in lat.held:
+                if c.acts:
+                    asked |= {(c.where[0], p) for p in range(c.where[1] - len(c.ids) + 1, c.where[1] + 1)}  # fmt: skip
+            assert not asked & {c.where for c in lat.extra}
+            assert not shown & {c.where for c in lat.extra}
+            for c in lat.extra:
+                seq, pos = c.where
+                assert float(f[seq * T + pos, lat.index]) == pytest.approx(c.act) and c.act > 0
+            extra += len(lat.extra)
             checked += 1
-    assert checked > 50
+    assert checked > 50 and extra > checked
     conn.close()
 
 
@@ -139,8 +149,10 @@ def test_the_tokens_label_names_the_firing_tokens_and_their_context() -> None:
     data, vocab = _synthetic()
     ex = TokensExplainer(data, vocab.__getitem__)
     labels = [ex.explain(lat) for lat in data.latents]
-    assert labels[0].startswith('"Paris", "Rome" after "in"') or labels[0].startswith('"Rome", "Paris" after "in"')  # fmt: skip
-    assert labels[0].endswith('· promotes "Paris"')
+    # every firing of latent 0 is right after "in", which never precedes a baseline token
+    assert labels[0] == 'any token right after "in" · promotes "Paris"'
+    rule = parse_label(labels[0])
+    assert rule.fires([" the", "in", "Rome"]) and not rule.fires(["in", " the", "Rome"])
     assert labels[1] == '"("'
     judge = SimulatorJudge()
     for lat, own, other in zip(data.latents, labels, labels[::-1]):
@@ -162,6 +174,18 @@ def test_labels_round_trip_through_the_simulator() -> None:
     )
     assert parse_label('any token after "("').fires(["(", "x"])
     assert parse_label("Fires on city names like Paris").fires([" Paris"])
+    label = render(["of"], prev=["end"], classes=["number", "punctuation"])
+    assert label == '"of", any number, any punctuation right after "end"'
+    rule = parse_label(label)
+    assert rule == Rule(frozenset({"of"}), classes=frozenset({"number", "punctuation"}), prev=frozenset({"end"}))  # fmt: skip
+    assert rule.fires([" end", " 42"]) and rule.fires(["end", "."]) and rule.fires(["end", " Of"])
+    assert not rule.fires(["end", "x", "."]) and not rule.fires(["x", " 42"])
+    assert not rule.fires(["end", " cat"])
+    assert parse_label('"after", "x" after "y"') == Rule(
+        frozenset({"after", "x"}), frozenset({"y"})
+    )
+    assert [token_class(t) for t in ["\n", " ", " 12", ",", " Paris", "ing", " the", "x2"]] == [
+        "line break", "space", "number", "punctuation", "capitalised word", "word piece", None, None]  # fmt: skip
     assert balanced_accuracy([True, True, False, False], [True, False, False, False]) == 0.75
     assert balanced_accuracy([True], [True]) is None
 
@@ -241,3 +265,20 @@ def test_rerunning_interpret_keeps_labels_of_the_same_records_and_drops_others(i
     assert explain(suite, latents=4, progress=False).labelled == 0  # nothing left to do
     interpret(suite, replace(interpreted.cfg, seed=1), loaded=tiny_model("gemma3"), progress=False)
     assert _rows(suite, "SELECT COUNT(*) FROM explanations") == [(0,)]  # other records: labels gone
+
+
+def test_a_version_2_database_gets_the_error_column_in_place(suite: Suite) -> None:
+    explain(suite, latents=1, progress=False)
+    with sqlite3.connect(suite.features_db) as conn:  # back to version 2: scores without `error`
+        old = conn.execute("SELECT sae, idx, explainer, scorer, judge, value, n FROM scores").fetchall()  # fmt: skip
+        conn.execute("DROP TABLE scores")
+        conn.execute("CREATE TABLE scores (sae INTEGER NOT NULL, idx INTEGER NOT NULL, explainer TEXT NOT NULL, "
+                     "scorer TEXT NOT NULL, judge TEXT NOT NULL, value REAL, n INTEGER NOT NULL, "
+                     "PRIMARY KEY (sae, idx, explainer, scorer)) WITHOUT ROWID")  # fmt: skip
+        conn.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?)", old)
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'version'")
+    report = explain(suite, latents=2, progress=False)
+    assert report.skipped == len(old) // 2 and report.labelled == len(suite.names)
+    assert _rows(suite, "SELECT value FROM meta WHERE key = 'version'") == [("3",)]
+    rows = _rows(suite, "SELECT sae, idx, explainer, scorer, judge, value, n, error FROM scores")
+    assert set(old) <= {r[:7] for r in rows} and all(r[7] is None for r in rows)

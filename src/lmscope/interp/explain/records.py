@@ -8,7 +8,11 @@ Per latent, from `features.db`:
   (`samples`) where the latent fires, less any token also shown; when that leaves none, the
   top contexts of odd rank move from shown to held;
 - the SAE's random tokens are split by rank too: even ones are the explainer's baseline of
-  ordinary text, odd ones the scorers' pool of non-activating contexts.
+  ordinary text, odd ones the scorers' pool of non-activating contexts;
+- *extra* (the explainer's too): the other tokens where the latent fires inside the windows
+  recorded around its shown contexts (interpret keeps `window` activations on each side), less
+  every token a scorer asks about: the held-out tokens, the left windows of held-out band contexts
+  (fuzzing highlights them) and the pool's tokens.
 
 A context is the token with the `window` tokens before it (what a causal model saw), and the
 latent's activations there when interpret recorded them (top and band samples).
@@ -17,6 +21,7 @@ latent's activations there when interpret recorded them (top and band samples).
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 from dataclasses import dataclass, field
 
@@ -45,6 +50,7 @@ class Latent:
     shown: list[Context] = field(default_factory=list)
     held: list[Context] = field(default_factory=list)
     promotes: list[int] = field(default_factory=list)  # logit-lens tokens it raises most
+    extra: list[Context] = field(default_factory=list)  # more firings near the shown contexts
 
 
 @dataclass
@@ -93,12 +99,13 @@ class Corpus:
         return self.vocab.get(token, f"<{token}>")
 
 
-def _context(corpus: Corpus, act: float, seq: int, pos: int, blob: bytes) -> Context:
+def _context(corpus: Corpus, act: float, seq: int, pos: int, blob: bytes) -> tuple[Context, np.ndarray]:  # fmt: skip
+    """The context, and the latent's activations over the whole recorded window."""
     ids = corpus.left(seq, pos)
     window = np.frombuffer(blob, dtype=np.float32)
     w = (len(window) - 1) // 2
     acts = tuple(window[w - len(ids) + 1 : w + 1].tolist()) if len(window) else ()
-    return Context(ids, act, acts, (seq, pos))
+    return Context(ids, act, acts, (seq, pos)), window
 
 
 def load_sae(conn: sqlite3.Connection, corpus: Corpus, sae: int, name: str, latents: list[int] | None = None) -> SaeData:  # fmt: skip
@@ -132,22 +139,57 @@ def load_sae(conn: sqlite3.Connection, corpus: Corpus, sae: int, name: str, late
     wanted = None if latents is None else set(latents)
     out = {i: Latent(sae, i, d, m) for i, d, m in rows if wanted is None or i in wanted}
     examples: dict[int, list[tuple[int, int, Context]]] = {}
+    windows: dict[tuple[int, int, int], np.ndarray] = {}  # (latent, seq, pos) -> recorded window
     for idx, band, rank, act, seq, pos, blob in conn.execute(
         "SELECT idx, band, rank, act, seq, pos, acts FROM examples WHERE sae = ? AND band >= -1 "
         "ORDER BY idx, band, rank",
         (sae,),
     ):
         if idx in out:
-            examples.setdefault(idx, []).append((band, rank, _context(corpus, act, seq, pos, blob)))
+            ctx, windows[idx, seq, pos] = _context(corpus, act, seq, pos, blob)
+            examples.setdefault(idx, []).append((band, rank, ctx))
     for idx, token in conn.execute(
         "SELECT idx, token FROM logits WHERE sae = ? AND sign = 1 AND rank < 5 ORDER BY idx, rank",
         (sae,),
     ):
         if idx in out:
             out[idx].promotes.append(token)
+    pool_at = {c.where for c in pool}
     for idx, latent in out.items():
         _split(latent, examples.get(idx, []), [c for _, c in fires.get(idx, [])])
+        latent.extra = _extra(corpus, latent, windows, pool_at)
     return SaeData(sae, name, list(out.values()), baseline, base_lat, pool, pool_lat)
+
+
+MAX_EXTRA = 64  # extra contexts per latent (a deterministic sample when there are more)
+
+
+def _extra(corpus: Corpus, lat: Latent, windows: dict[tuple[int, int, int], np.ndarray],
+           pool_at: set[tuple[int, int]]) -> list[Context]:  # fmt: skip
+    """Tokens where `lat` fires in the windows of its shown contexts that no scorer asks about."""
+    asked = set(pool_at)
+    for c in lat.held:
+        seq, pos = c.where
+        if c.acts:  # a band context: fuzzing highlights any of its tokens
+            asked.update((seq, p) for p in range(pos - len(c.ids) + 1, pos + 1))
+        asked.add(c.where)
+    seen = {c.where for c in lat.shown}
+    found: list[tuple[int, int, float]] = []
+    for c in lat.shown:
+        seq, pos = c.where
+        window = windows.get((lat.index, seq, pos))
+        if window is None or not len(window):
+            continue
+        w = (len(window) - 1) // 2
+        n = len(corpus.seqs[seq])
+        for o in np.flatnonzero(window > 0).tolist():
+            where = (seq, pos + o - w)
+            if 0 <= where[1] < n and where not in seen and where not in asked:
+                seen.add(where)
+                found.append((*where, float(window[o])))
+    if len(found) > MAX_EXTRA:
+        found = sorted(random.Random(f"{lat.sae}:{lat.index}:extra").sample(found, MAX_EXTRA))
+    return [Context(corpus.left(s, p), a, (), (s, p)) for s, p, a in found]
 
 
 def _split(

@@ -1,151 +1,176 @@
 """The `tokens` explainer: a label from what a latent's records hold, with no LLM.
 
-It fits the simplest rule of the simulator's form (`simulator.Rule`: fires on these tokens, after
-that context) that best separates the latent's shown contexts from the SAE's baseline random
-tokens where the latent is silent, then writes it with the logit-lens tokens the latent promotes:
-`"class", "def" after ":" · promotes "foo", "bar"`.
+It fits a rule of the simulator's form (`simulator.Rule`) that best separates the latent's
+*positives* from the SAE's baseline of ordinary text where the latent is silent, and writes it
+with the logit-lens tokens the latent promotes:
+`"class", "def", any number; right after "@"; after "import" · promotes "foo", "bar"`.
 
-Candidates: the n most frequent firing tokens (n = 1, 2, 3, 4, 6, 8), optionally with the one or two
-preceding tokens that recur most in the shown contexts beyond their rate in ordinary text, and
-"any token" after such context. Each is scored by balanced accuracy on the explainer's own data
-(minus a small cost per token named, so that a shorter rule wins a tie). Sets of contexts are
-Python ints used as bitmasks, so a candidate costs a few integer operations and the whole quick
-scope (55k latents) takes seconds.
+Positives, all on the explainer's side of the split (`records`): the shown contexts, the extra
+firings recorded in their windows, and the baseline tokens where the latent fires. The rule is a
+union of *elements*: a token it fires on, a token class, a token just before (`right after`), a
+token anywhere in the window before (`after`). Greedily, the element that raises the union's
+balanced accuracy on positives against baseline most, less a small cost per element (a class or
+a context token costs more than a token), joins while that gain is positive, up to 16. Sets of
+contexts are Python ints used as bitmasks (the baseline's per SAE), so a latent costs a few
+hundred integer operations.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lmscope.interp.explain.records import Context, Latent, SaeData
-from lmscope.interp.explain.simulator import render, token_key
+from lmscope.interp.explain.simulator import clause, render, token_class, token_key
 
-TOKEN_COUNTS = (1, 2, 3, 4, 6, 8)
-MAX_AFTER = 2
-MIN_AFTER_COVER = 0.3  # a context token must precede at least this share of the shown contexts
-COST = 0.01  # balanced accuracy given up per token named
-ANY_COST = 0.05  # ... and for "any token", which says less than naming a few
+MAX_ELEMENTS = 16  # tokens, classes and context tokens named in a label
+N_CANDIDATES = 24  # context tokens considered (most gain first), each of `right after` and `after`
+COST = 0.005  # balanced accuracy given up per token named
+CLASS_COST = 0.02  # ... per token class (a class must beat naming its few tokens)
+CTX_COST = 0.01  # ... per context token
 N_PROMOTES = 3
 
 
 @dataclass
-class Masks:
-    """Bitmasks over a list of contexts: which end in each token key, which hold it before the end."""
+class _Masks:
+    """Bitmasks over a list of contexts: by last token key, last token class, keys before the
+    last token, key of the token just before it."""
 
     n: int
     last: dict[str, int]
+    cls: dict[str, int]
     before: dict[str, int]
+    prev: dict[str, int]
 
-    @classmethod
-    def of(cls, contexts: Sequence[Context], key: Callable[[int], str]) -> Masks:
-        last: dict[str, int] = {}
-        before: dict[str, int] = {}
-        for i, c in enumerate(contexts):
-            bit = 1 << i
-            k = key(c.ids[-1])
-            last[k] = last.get(k, 0) | bit
-            for t in set(c.ids[:-1]):
-                kb = key(t)
-                before[kb] = before.get(kb, 0) | bit
-        return cls(len(contexts), last, before)
-
-    def match(self, tokens: Sequence[str] | None, after: Sequence[str]) -> int:
-        m = (1 << self.n) - 1
-        if tokens is not None:
-            m = 0
-            for k in tokens:
-                m |= self.last.get(k, 0)
-        if after:
-            a = 0
-            for k in after:
-                a |= self.before.get(k, 0)
-            m &= a
-        return m
+    @property
+    def all(self) -> int:
+        return (1 << self.n) - 1
 
 
 class TokensExplainer:
-    """Labels the latents of one SAE; keys and spellings of its vocabulary are cached."""
+    """Labels the latents of one SAE; keys, classes and spellings of its vocabulary and the
+    baseline's bitmasks are computed once."""
 
     name = "tokens"
 
     def __init__(self, data: SaeData, text: Callable[[int], str]) -> None:
         self.text = text
         self._keys: dict[int, str] = {}
-        self.baseline = Masks.of(data.baseline, self.key)
+        self._classes: dict[str, str | None] = {}  # key -> class of its first spelling seen
+        self._baseline_raw = data.baseline
+        self.base = self._masks(data.baseline)
         self._fires = data.baseline_fires
-        self._all = (1 << len(data.baseline)) - 1
 
     def key(self, token: int) -> str:
         k = self._keys.get(token)
         if k is None:
-            k = self._keys[token] = token_key(self.text(token))
+            t = self.text(token)
+            k = self._keys[token] = token_key(t)
+            self._classes.setdefault(k, token_class(t))
         return k
 
+    def _masks(self, contexts: Sequence[Context]) -> _Masks:
+        last: dict[str, int] = {}
+        cls: dict[str, int] = {}
+        before: dict[str, int] = {}
+        prev: dict[str, int] = {}
+        for i, c in enumerate(contexts):
+            bit = 1 << i
+            ids = c.ids
+            k = self.key(ids[-1])
+            last[k] = last.get(k, 0) | bit
+            cl = token_class(self.text(ids[-1]))
+            if cl is not None:
+                cls[cl] = cls.get(cl, 0) | bit
+            for t in set(ids[:-1]):
+                kb = self.key(t)
+                before[kb] = before.get(kb, 0) | bit
+            if len(ids) > 1:
+                kp = self.key(ids[-2])
+                prev[kp] = prev.get(kp, 0) | bit
+        return _Masks(len(contexts), last, cls, before, prev)
+
     def explain(self, latent: Latent) -> str:
-        pos = Masks.of(latent.shown, self.key)
-        if pos.n == 0:
+        fires = self._fires.get(latent.index, 0)
+        fired = [self._baseline_raw[i] for i in range(self.base.n) if fires >> i & 1]
+        contexts = [*latent.shown, *latent.extra, *fired]
+        if not contexts:
             return "no recorded contexts"
-        silent = self._all & ~self._fires.get(latent.index, 0)
-        n_neg = silent.bit_count()
-        spelled: dict[str, Counter[str]] = {}
-        for c in latent.shown:
-            raw = self.text(c.ids[-1])
-            spelled.setdefault(self.key(c.ids[-1]), Counter())[raw.strip() or raw] += 1
-        ranked = sorted(spelled, key=lambda k: -sum(spelled[k].values()))
-        after = self._context_keys(latent, pos, silent, n_neg)
+        pos = self._masks(contexts)
+        silent = self.base.all & ~fires
+        n_pos, n_neg = pos.n, silent.bit_count()
+        if n_neg == 0:
+            return render(None, promotes=self._promotes(latent))
+        # elements of the disjunction: (kind, key, positives, negatives, cost)
+        elements: list[tuple[str, str, int, int, float]] = []
+        for kind, pmap, nmap, cost, limit in (
+            ("L", pos.last, self.base.last, COST, None),
+            ("C", pos.cls, self.base.cls, CLASS_COST, None),
+            ("P", pos.prev, self.base.prev, CTX_COST, N_CANDIDATES),
+            ("W", pos.before, self.base.before, CTX_COST, N_CANDIDATES),
+        ):
+            found = []
+            for k, m in pmap.items():
+                pc = m.bit_count()
+                neg = nmap.get(k, 0) & silent
+                g = pc / n_pos - neg.bit_count() / n_neg
+                if g / 2 > cost:
+                    found.append((g, k, m, neg))
+            found.sort(key=lambda x: (-x[0], x[1]))
+            elements += [(kind, k, m, neg, cost) for _, k, m, neg in found[:limit]]
+        chosen = self._greedy(elements, n_pos, n_neg)
+        if not chosen:  # nothing recurs: the most frequent firing token
+            top = max(pos.last, key=lambda k: (pos.last[k].bit_count(), k))
+            chosen = [("L", top)]
+        spell = self._spellings(contexts, {k for _, k in chosen})
+        by = {kind: [spell.get(k, k) for kd, k in chosen if kd == kind] for kind in "LCPW"}
+        promotes = self._promotes(latent)
+        alts = [clause(None, prev=by["P"])] if by["P"] else []
+        alts += [clause(None, after=by["W"])] if by["W"] else []
+        if by["L"] or by["C"]:
+            return render(by["L"], (), promotes, by["C"], (), alts)
+        if by["P"]:  # any token right after these (the lead clause), or after those
+            return render(None, (), promotes, (), by["P"], alts[1:])
+        return render(None, by["W"], promotes)
 
-        def score(tokens: Sequence[str] | None, ctx: Sequence[str]) -> float:
-            tpr = pos.match(tokens, ctx).bit_count() / pos.n
-            tnr = 1.0 - (
-                (self.baseline.match(tokens, ctx) & silent).bit_count() / n_neg if n_neg else 0.0
-            )
-            return (
-                (tpr + tnr) / 2
-                - COST * (len(tokens or ()) + len(ctx))
-                - (ANY_COST if tokens is None else 0.0)
-            )
-
-        best: tuple[float, Sequence[str] | None, Sequence[str]] = (-1.0, ranked[:1], ())
-        for ctx in [(), *(after[:m] for m in range(1, min(MAX_AFTER, len(after)) + 1))]:
-            options: list[Sequence[str] | None] = [
-                ranked[:n] for n in TOKEN_COUNTS if n <= len(ranked)
-            ]
-            options += (
-                [ranked]
-                if len(ranked) not in TOKEN_COUNTS and len(ranked) < max(TOKEN_COUNTS)
-                else []
-            )
-            options += [None] if ctx else []
-            for tokens in options:
-                s = score(tokens, ctx)
-                if s > best[0]:
-                    best = (s, tokens, ctx)
-        _, tokens, ctx = best
-        shown_tokens = None if tokens is None else [spelled[k].most_common(1)[0][0] for k in tokens]
-        shown_ctx = [self._spelling(latent, k) for k in ctx]
-        promotes = [t.strip() or t for t in (self.text(p) for p in latent.promotes[:N_PROMOTES])]
-        return render(shown_tokens, shown_ctx, promotes)
-
-    def _context_keys(self, latent: Latent, pos: Masks, silent: int, n_neg: int) -> list[str]:
-        """Keys that precede many shown contexts and more of them than of ordinary text."""
-        lift = []
-        for k, m in pos.before.items():
-            cover = m.bit_count() / pos.n
-            if cover < MIN_AFTER_COVER:
+    @staticmethod
+    def _greedy(elements: list[tuple[str, str, int, int, float]], n_pos: int, n_neg: int) -> list[tuple[str, str]]:  # fmt: skip
+        """Grow the union of `elements` one at a time, each time the one that raises its balanced
+        accuracy (less the element's cost) most, while that gain is positive (lazy evaluation:
+        a gain only shrinks as the union grows, nearly always)."""
+        p_m = n_m = 0
+        chosen: list[tuple[str, str]] = []
+        heap = [(-(p.bit_count() / n_pos - n.bit_count() / n_neg) / 2 + c, i) for i, (_, _, p, n, c) in enumerate(elements)]  # fmt: skip
+        heapq.heapify(heap)
+        while heap and len(chosen) < MAX_ELEMENTS:
+            _, i = heapq.heappop(heap)
+            kind, k, p, n, c = elements[i]
+            gain = ((p_m | p).bit_count() - p_m.bit_count()) / n_pos / 2
+            gain -= ((n_m | n).bit_count() - n_m.bit_count()) / n_neg / 2
+            gain -= c
+            if heap and -gain > heap[0][0] + 1e-12:  # stale: put back with its current gain
+                heapq.heappush(heap, (-gain, i))
                 continue
-            base = (self.baseline.before.get(k, 0) & silent).bit_count() / n_neg if n_neg else 0.0
-            if cover > base:
-                lift.append((cover - base, k))
-        lift.sort(key=lambda x: (-x[0], x[1]))
-        return [k for _, k in lift[:MAX_AFTER]]
+            if gain <= 0:
+                break
+            chosen.append((kind, k))
+            p_m |= p
+            n_m |= n
+        return chosen
 
-    def _spelling(self, latent: Latent, k: str) -> str:
-        seen: Counter[str] = Counter()
-        for c in latent.shown:
-            for t in c.ids[:-1]:
-                if self.key(t) == k:
-                    raw = self.text(t)
-                    seen[raw.strip() or raw] += 1
-        return seen.most_common(1)[0][0] if seen else k
+    def _spellings(self, contexts: Sequence[Context], keys: set[str]) -> dict[str, str]:
+        """Each of `keys`' most common display spelling among the tokens the explainer saw."""
+        seen: dict[str, dict[str, int]] = {}
+        for c in contexts:
+            for t in c.ids:
+                if self.key(t) not in keys:
+                    continue
+                raw = self.text(t)
+                d = seen.setdefault(self.key(t), {})
+                sp = raw.strip() or raw
+                d[sp] = d.get(sp, 0) + 1
+        return {k: max(v, key=lambda s: (v[s], s)) for k, v in seen.items()}
+
+    def _promotes(self, latent: Latent) -> list[str]:
+        return [t.strip() or t for t in (self.text(p) for p in latent.promotes[:N_PROMOTES])]
