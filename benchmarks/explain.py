@@ -45,12 +45,13 @@ def scratch_copy(suite: Path, into: Path) -> Path:
         if p.name != "features.db" and not p.name.startswith(".features.db"):
             os.symlink(p.resolve(), out / p.name)
     shutil.copy2(suite / "features.db", out / "features.db")
-    with sqlite3.connect(out / "features.db") as conn:  # start from no labels
-        for table in ("explanations", "scores", "label_search"):
-            try:
-                conn.execute(f"DELETE FROM {table}")
-            except sqlite3.OperationalError:
-                pass
+    with sqlite3.connect(out / "features.db") as conn:  # start from no labels (explain recreates
+        for table in (
+            "explanations",
+            "scores",
+            "label_search",
+        ):  # the tables, any older layout gone)
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
     return out
 
 

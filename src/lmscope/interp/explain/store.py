@@ -28,6 +28,9 @@ def open_rw(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30)
     conn.execute("PRAGMA journal_mode = DELETE")
     conn.executescript(EXPLAIN_SCHEMA)
+    if "created" in _columns(conn, "explanations"):  # a development layout of version 2
+        with conn:
+            conn.execute("ALTER TABLE explanations DROP COLUMN created")
     if "error" not in _columns(conn, "scores"):
         with conn:
             conn.execute("ALTER TABLE scores ADD COLUMN error TEXT")
