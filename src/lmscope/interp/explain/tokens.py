@@ -161,15 +161,18 @@ class TokensExplainer:
 
     def _spellings(self, contexts: Sequence[Context], keys: set[str]) -> dict[str, str]:
         """Each of `keys`' most common display spelling among the tokens the explainer saw."""
-        seen: dict[str, dict[str, int]] = {}
+        counts: dict[int, int] = {}
         for c in contexts:
             for t in c.ids:
-                if self.key(t) not in keys:
-                    continue
+                counts[t] = counts.get(t, 0) + 1
+        seen: dict[str, dict[str, int]] = {}
+        for t, n in counts.items():
+            k = self.key(t)
+            if k in keys:
                 raw = self.text(t)
-                d = seen.setdefault(self.key(t), {})
+                d = seen.setdefault(k, {})
                 sp = raw.strip() or raw
-                d[sp] = d.get(sp, 0) + 1
+                d[sp] = d.get(sp, 0) + n
         return {k: max(v, key=lambda s: (v[s], s)) for k, v in seen.items()}
 
     def _promotes(self, latent: Latent) -> list[str]:
