@@ -18,6 +18,8 @@ layer up and down (how a feature evolves through depth). All in chunks of latent
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import cast
 
 import torch
@@ -67,6 +69,23 @@ APPROX_MIN_VOCAB = 32_768
 CANDIDATES = 8  # candidates per list, as a multiple of n
 
 
+@functools.cache
+def _cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX on this CPU (Linux /proc/cpuinfo flags). Without them torch emulates bf16
+    matmuls: on this project's AVX2-only 2-core VM [256, 640] @ [640, 262,144] took 10.6 s in fp32
+    and over 90 s in bf16 (one thread), and the quick build's logit lens ran at ~60 s per SAE."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether a bf16 product is worth taking on `device` (CUDA, or a CPU with bf16 units)."""
+    return device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16_units())
+
+
 def _exact(m: Tensor, w_u_t: Tensor, idx: Tensor) -> Tensor:
     """Exact logits `m @ W_U` at the token ids `idx` [c, k] only: [c, k]."""
     return torch.einsum("cd,ckd->ck", m, w_u_t[idx])
@@ -81,7 +100,8 @@ def logit_lens(
 
     With a large vocabulary (Gemma's 262k tokens) the `[latents, vocab]` product is most of
     `interpret`'s time, so by default (``approx=None``) vocabularies of ``APPROX_MIN_VOCAB`` or more
-    take the product in bf16 (about 2× faster on CPUs with bf16 units) only to pick
+    take the product in bf16 where bf16 is fast (CUDA, CPUs with bf16 units; elsewhere it is
+    emulated, ~9× slower than fp32, and the exact fp32 product is taken) only to pick
     ``CANDIDATES × n`` candidates per list, and the candidates are then scored exactly in fp32:
     the values are exact, and the lists are exact unless a true top-n token ranks below
     ``CANDIDATES × n`` in bf16, which a 2⁻⁸ relative error does not do at these gaps.
@@ -89,7 +109,8 @@ def logit_lens(
     w_u = model.unembedding.detach().float()
     vocab = w_u.shape[1]
     n = min(n, vocab)
-    approx = vocab >= APPROX_MIN_VOCAB if approx is None else approx
+    if approx is None:
+        approx = vocab >= APPROX_MIN_VOCAB and bf16_is_fast(w_u.device)
     k = min(vocab, CANDIDATES * n)
     w_lo = w_u.to(torch.bfloat16) if approx else None
     w_u_t = w_u.T.contiguous() if approx else None
