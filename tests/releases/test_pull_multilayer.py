@@ -139,6 +139,15 @@ def test_pull_clt_and_crosscoder_offline_sites_compute_eval_export(
         doc = json.loads((out / e["name"] / "eval.json").read_text())
         assert doc["by_layer"]["sites"] == e["sites"] and len(doc["by_layer"]["l0"]) == len(e["sites"])  # fmt: skip
         assert m["l0"] == pytest.approx(sum(doc["by_layer"]["l0"]))
+    # serve and interpret read per-site SAEs: a suite of only CLTs/crosscoders is one clear line
+    from lmscope.errors import ConfigError
+    from lmscope.interp.pipeline import interpret
+    from lmscope.serve.app import create_app
+
+    for run in (lambda: create_app(out), lambda: interpret(out)):
+        with pytest.raises(ConfigError, match="only cross-layer transcoders or crosscoders") as e:
+            run()
+        assert "\n" not in str(e.value)
 
 
 def test_pull_refuses_a_clt_of_another_depth_or_width_in_one_line(
