@@ -243,7 +243,12 @@ def test_judgements_that_are_never_yes_no_lists_are_recorded_failures(suite: Sui
         rows = conn.execute("SELECT scorer, value, n, error FROM scores").fetchall()
     assert len(rows) == 2
     for _, value, n, error in rows:
-        assert value is None and 2 <= n <= 4 and f"answered 0 of {n}" in error
+        assert (
+            value is None
+            and 2 <= n <= 4
+            and f"no list of {n} yes/no answers" in error
+            and "I think so" in error
+        )
     # per scorer: the list, then the list again with the reply and a reminder (a third turn)
     judge = [r for r in chat.requests if r["kind"] == "judge"]
     assert [r["turns"] for r in judge] == [1, 3, 1, 3]

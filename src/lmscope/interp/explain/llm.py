@@ -18,7 +18,7 @@ from typing import Any
 from lmscope.interp.explain import ExplainError
 from lmscope.interp.explain.client import ChatClient
 from lmscope.interp.explain.records import Context, Latent
-from lmscope.interp.explain.scorers import Item
+from lmscope.interp.explain.scorers import Item, JudgeFailure
 
 N_SHOWN = 12  # contexts in an explanation prompt
 ANSWER = re.compile(r"\b(0|1|yes|no|true|false)\b", re.IGNORECASE)
@@ -162,8 +162,7 @@ class LLMExplainer:
 
 class LLMJudge:
     """Asks for all items of a scorer in one request (a JSON list), once more with the reply and
-    a reminder when it is not such a list; then gives up on them (all None: `score` records the
-    failure)."""
+    a reminder when it is not such a list; then gives up (`JudgeFailure`: `run` records it)."""
 
     def __init__(self, client: ChatClient) -> None:
         self.client = client
@@ -178,7 +177,7 @@ class LLMJudge:
                 return list(answers)
             messages = [*messages, {"role": "assistant", "content": reply},
                         {"role": "user", "content": ANSWER_AGAIN.format(n=n)}]  # fmt: skip
-        return [None] * n
+        raise JudgeFailure(f"no list of {n} yes/no answers in the judge's replies (last: {' '.join(reply.split())[:80]!r})")  # fmt: skip
 
     def detect(self, label: str, items: Sequence[Item], latent: Latent | None = None) -> list[bool | None]:  # fmt: skip
         body = "\n".join(f"{k}. {_mark(it.texts, [len(it.texts) - 1])}" for k, it in enumerate(items, 1))  # fmt: skip
