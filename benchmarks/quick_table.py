@@ -38,7 +38,9 @@ def main() -> None:
         tokens.add((d["metrics"]["tokens"], d["metrics"]["loss_tokens"]))
     kinds = sorted(by_kind)
     head = "| metric | " + " | ".join(f"{k}: min | median | max" for k in kinds) + " |"
-    print(f"{sum(len(v) for v in by_kind.values())} SAEs; (recon tokens, loss tokens): {sorted(tokens)}")
+    print(
+        f"{sum(len(v) for v in by_kind.values())} SAEs; (recon tokens, loss tokens): {sorted(tokens)}"
+    )
     print(head)
     print("|---|" + "---:|---:|---:|" * len(kinds))
     summary: dict[str, dict[str, list[float]]] = {}
