@@ -8,7 +8,10 @@ latent the first run finished. The model is a tiny base model, so its labels are
 yes/no lists often malformed: this checks the protocol, the prompts, the retries and the recorded
 failures end to end, not label quality.
 
-Skipped without `transformers[serving]` (openai, fastapi, uvicorn).
+Skipped without `transformers[serving]` (openai, fastapi, uvicorn). Slow on a CPU: about 5
+requests per latent (a label, and each scorer's list asked twice when the reply is not one), and on
+the shared 2-core development VM under load ~5 a request took ~20-30 s (BENCHMARKS.md,
+"Explanations"), so the whole test took far more than the 3 minutes aimed at there.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from lmscope.suite import Suite
 pytestmark = pytest.mark.slow
 
 N_LATENTS = 20
+N_KILL = 3  # latents the first run finishes before it is killed
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +155,12 @@ def test_a_real_server_explains_and_scores_20_latents_and_a_killed_run_resumes(
            "--items", "2", "--concurrency", "1", "--timeout", "300"]  # fmt: skip
     t0 = time.perf_counter()
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while len(_finished(suite, explainer)) < 5 and first.poll() is None and time.time() < deadline:
+    deadline = time.time() + 1200
+    while (
+        len(_finished(suite, explainer)) < N_KILL
+        and first.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.2)
     first.kill()
     first.wait()
@@ -161,12 +169,12 @@ def test_a_real_server_explains_and_scores_20_latents_and_a_killed_run_resumes(
     finished = _finished(suite, explainer)
     labelled = {(s, i) for s, i in _rows(suite, f"SELECT sae, idx FROM explanations WHERE explainer = '{explainer}'")}  # fmt: skip
     first_posts = proxy.posts()
-    assert 5 <= len(finished) < N_LATENTS
+    assert N_KILL <= len(finished) < N_LATENTS
     assert finished <= {_latent(t) for t in first_posts}
 
     with proxy.lock:
         proxy.log.clear()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     seconds = time.perf_counter() - t0
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Traceback" not in again.stderr
