@@ -16,6 +16,7 @@ the shared 2-core development VM under load ~5 a request took ~20-30 s (BENCHMAR
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -37,7 +38,15 @@ from lmscope.interp.explain.client import TAG_HEADER
 from lmscope.interp.explain.local_server import MODEL
 from lmscope.suite import Suite
 
-pytestmark = pytest.mark.slow
+# ~99 requests at ~26 s each on a 2-core CPU (44 min measured): far past the suite's 15-minute
+# budget, so it runs only when asked: LMSCOPE_TEST_SERVER=1 pytest tests/interp/test_explain_server.py
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("LMSCOPE_TEST_SERVER") != "1",
+        reason="a real transformers-serve run takes ~45 min on 2 cores; set LMSCOPE_TEST_SERVER=1",
+    ),
+]
 
 N_LATENTS = 20
 N_KILL = 3  # latents the first run finishes before it is killed
