@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,3 +71,24 @@ def client(server: str) -> Iterator[httpx.Client]:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+# Debian's chromium, driven by Playwright. Without the background-networking flags Chromium keeps
+# dialling out, which this machine refuses.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-sync", "--disable-background-networking",
+                 "--disable-component-update"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")  # per module: two live sync_playwright()s in one thread clash
+def browser() -> Iterator[object]:
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"no Chromium at {CHROMIUM}; scripts/setup.sh installs Debian's chromium")
+        pytest.skip(f"no Chromium at {CHROMIUM}; run scripts/setup.sh (apt-get install chromium)")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from test_serve_browser import browser, page, token_colours  # noqa: F401  (fixtures)
+from test_serve_browser import page, token_colours  # noqa: F401  (fixtures)
 
 from lmscope.serve.engine import DEFAULT_STEER_COEFF
 

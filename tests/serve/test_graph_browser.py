@@ -6,8 +6,6 @@ Screenshots go to test-artifacts/serve/ (gitignored). Every wait is for an eleme
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,17 +16,6 @@ from lmscope.serve.app import create_app, serve_in_thread
 from lmscope.suite import Suite
 from tests.serve.test_graph_api import PROMPT, graph_suite_at
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
-
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 
@@ -37,18 +24,6 @@ def graph_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     suite = graph_suite_at(tmp_path_factory.getbasetemp() / "graph-suite")
     with serve_in_thread(create_app(suite, device="cpu")) as url:
         yield url, suite
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if not Path(CHROMIUM).is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"no Chromium at {CHROMIUM}; scripts/setup.sh installs Debian's chromium")
-        pytest.skip(f"no Chromium at {CHROMIUM}; run scripts/setup.sh (apt-get install chromium)")
-    with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

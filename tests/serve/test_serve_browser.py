@@ -6,9 +6,6 @@ Every wait is for an element or a response, never a fixed sleep.
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,25 +13,9 @@ import pytest
 
 from lmscope.serve.views import act_alpha
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Without the background-networking flags Chromium keeps dialling out, which this machine refuses.
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-        "--disable-background-networking", "--disable-component-update"]  # fmt: skip
 TEXT = "The capital of France is Paris, and the capital of Italy is Rome."
 
 playwright_api = pytest.importorskip("playwright.sync_api")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if not Path(CHROMIUM).is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"no Chromium at {CHROMIUM}; scripts/setup.sh installs Debian's chromium")
-        pytest.skip(f"no Chromium at {CHROMIUM}; run scripts/setup.sh (apt-get install chromium)")
-    with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

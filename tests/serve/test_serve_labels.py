@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serve_browser import browser, page, shot  # noqa: F401 (fixtures)
+from test_serve_browser import page, shot  # noqa: F401 (fixtures)
 
 TEXT = "The capital of France is Paris, and the capital of Italy is Rome."
 
