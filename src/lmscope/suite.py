@@ -240,6 +240,17 @@ class Suite:
         if not self.manifest["saes"] and not self.manifest.get(MULTI):
             raise ConfigError(f"suite {self.path} has no trained SAEs yet; run `lmscope train --out {self.path}` first")  # fmt: skip
 
+    def require_site_saes(self, command: str) -> None:
+        """As `require_saes`, and refuse a suite of only CLTs/crosscoders: `command` reads per-site
+        SAEs and transcoders (the manifest's ``saes`` list)."""
+        self.require_saes()
+        if not self.manifest["saes"]:
+            raise ConfigError(
+                f"suite {self.path} holds only cross-layer transcoders or crosscoders, and "
+                f"`lmscope {command}` reads per-site SAEs and transcoders; `lmscope eval` and "
+                "`lmscope attribute --suite` work on it"
+            )
+
     # -- growing it ---------------------------------------------------------------------------
     def register(self, folders: Iterable[str | Path]) -> list[str]:
         """Add (or refresh) the entries of SAE folders inside the suite; keeps existing metrics.

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from lmscope.activations.harvest import read_sites
 from lmscope.data import TokenBatches, TokenBlock
-from lmscope.errors import ConfigError
 from lmscope.interp import InterpError
 from lmscope.interp.db import FeatureDBWriter
 from lmscope.interp.explain.store import carry_over
@@ -143,13 +142,7 @@ def interpret(
     """
     cfg = cfg or InterpretConfig()
     suite = suite if isinstance(suite, Suite) else Suite.open(suite)
-    suite.require_saes()
-    if not suite.entries:  # only CLTs / crosscoders (the manifest's "multilayer" list)
-        raise ConfigError(
-            f"suite {suite.path} holds only cross-layer transcoders or crosscoders, and "
-            "`lmscope interpret` reads per-site SAEs and transcoders; `lmscope eval` and "
-            "`lmscope attribute --suite` work on it"
-        )
+    suite.require_site_saes("interpret")
     names = [suite.resolve(s) for s in saes] if saes else suite.names
     entries = [e for e in suite.entries if e["name"] in names]
     loaded = loaded or suite.load_model(device=cfg.device)

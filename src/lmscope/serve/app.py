@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from lmscope.errors import ConfigError, LmscopeError
+from lmscope.errors import LmscopeError
 from lmscope.serve import api, pages
 from lmscope.serve.engine import Engine, Limits, ServeError
 from lmscope.serve.graphs import Explorer
@@ -40,13 +40,7 @@ def create_app(
 ) -> FastAPI:
     """The app for one suite; the model and SAEs load on the first request that needs them."""
     suite = suite if isinstance(suite, Suite) else Suite.open(suite)
-    suite.require_saes()
-    if not suite.entries:  # only CLTs / crosscoders (the manifest's "multilayer" list)
-        raise ConfigError(
-            f"suite {suite.path} holds only cross-layer transcoders or crosscoders, and "
-            "`lmscope serve` reads per-site SAEs and transcoders; `lmscope eval` and "
-            "`lmscope attribute --suite` work on it"
-        )
+    suite.require_site_saes("serve")
     app = FastAPI(
         title="lmscope",
         summary=f"Browse the SAE suite {suite.path.name} of {suite.model}",
