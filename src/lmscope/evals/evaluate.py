@@ -148,6 +148,14 @@ def _reconstruct(sae: SAE, x_in: Tensor) -> tuple[Tensor, Tensor]:
     return f, x_hat if extra is None else x_hat + extra
 
 
+def checked_blocks(blocks: Iterable[TokenBlock]) -> tuple[list[TokenBlock], int]:
+    """The eval blocks as a list, and their longest sequence; no tokens at all is an error."""
+    out = list(blocks)
+    if not sum(b.n_tokens for b in out):
+        raise CorpusError("no eval tokens to evaluate on (only BOS/EOS/pad, or no blocks at all)")
+    return out, max(b.input_ids.shape[1] for b in out)
+
+
 def evaluate_saes(
     loaded: LoadedModel,
     saes: Mapping[str, SAE],
@@ -157,10 +165,7 @@ def evaluate_saes(
     """Evaluate every SAE on the same token blocks; results keyed like `saes`."""
     cfg = cfg or EvalConfig()
     sm = SiteModel(loaded)
-    blocks = list(blocks)
-    if not sum(b.n_tokens for b in blocks):
-        raise CorpusError("no eval tokens to evaluate on (only BOS/EOS/pad, or no blocks at all)")
-    seq_len = max(b.input_ids.shape[1] for b in blocks)
+    blocks, seq_len = checked_blocks(blocks)
     plans = [_plan(sm, name, sae, seq_len) for name, sae in saes.items()]
     n_tokens = sum(b.n_tokens for b in blocks)
     recon_only = _recon_only(blocks, cfg)

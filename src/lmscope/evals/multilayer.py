@@ -31,8 +31,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lmscope.data import TokenBlock
-from lmscope.errors import CorpusError, SAEError
-from lmscope.evals.evaluate import EvalConfig, EvalResult, _loss_rows, _recon_only
+from lmscope.errors import SAEError
+from lmscope.evals.evaluate import EvalConfig, EvalResult, _loss_rows, _recon_only, checked_blocks
 from lmscope.evals.metrics import (
     LossStats,
     ReconStats,
@@ -228,10 +228,7 @@ def evaluate_multilayer(
     """Evaluate every CLT / crosscoder on the same token blocks; results keyed like ``saes``."""
     cfg = cfg or EvalConfig()
     sm = SiteModel(loaded)
-    blocks = list(blocks)
-    if not sum(b.n_tokens for b in blocks):
-        raise CorpusError("no eval tokens to evaluate on (only BOS/EOS/pad, or no blocks at all)")
-    seq_len = max(b.input_ids.shape[1] for b in blocks)
+    blocks, seq_len = checked_blocks(blocks)
     plans = [_plan(sm, name, sae, seq_len) for name, sae in saes.items()]
     recon_only = _recon_only(blocks, cfg)
     bar = tqdm(
